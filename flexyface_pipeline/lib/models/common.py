@@ -1,0 +1,153 @@
+"""Pieces every model loader shares: runtime (device/dtype), weight locations, identity, errors."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PROFILES = ("real", "tiny", "random_full")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+class MissingWeightsError(RuntimeError):
+    """Weights for a model cannot be found (offline, or a local path that does not exist)."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in which precision models run."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_runtime(device: str = "auto", dtype: str = "auto", tf32: bool = True) -> Runtime:
+    """``auto`` picks CUDA when present; dtype ``auto`` is bf16 (fp16 without bf16) on GPU, fp32 on CPU."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device: expected auto, cpu or cuda[:N], got {device!r}")
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected auto, fp32, fp16 or bf16, got {dtype!r}")
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: cuda was requested but no CUDA device is available")
+    if dtype == "auto":
+        if dev.type == "cuda":
+            dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dt = torch.float32
+    else:
+        dt = _DTYPES[dtype]
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return Runtime(device=dev, dtype=dt)
+
+
+def free_memory(device: torch.device | None = None) -> None:
+    """Collect garbage and hand cached CUDA memory back, as between two metrics."""
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def is_local(location: str) -> bool:
+    return Path(location).expanduser().exists()
+
+
+def check_location(model: str, location: str, setting: str) -> str:
+    """Validate a model location before anything loads: an existing directory/file or a hub id."""
+    if not location or not location.strip():
+        raise MissingWeightsError(f"{model}: no model location configured (set {setting})")
+    path = Path(location).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if location.startswith((".", "/", "~")) or not _HUB_ID.match(location):
+        raise MissingWeightsError(
+            f"{model}: local path {location!r} does not exist; set {setting} to a directory holding the "
+            "model's weights, or to a Hugging Face hub id"
+        )
+    return location
+
+
+def missing_weights(model: str, location: str, setting: str, cause: BaseException | None = None) -> MissingWeightsError:
+    """The error users see when a hub id cannot be resolved offline."""
+    extra = f" ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})" if cause else ""
+    return MissingWeightsError(
+        f"{model}: weights for {location!r} are not available offline{extra}. Download them once on a "
+        f"machine with network access (huggingface-cli download {location}) so they sit in the HF cache, "
+        f"or point {setting} at a local directory with the weights."
+    )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_digest(location: str) -> str:
+    """SHA-256 identity of a local checkpoint: the file's hash, or for a directory the hash of the
+    sorted (relative path, file hash) list of its weight files."""
+    path = Path(location)
+    if path.is_file():
+        return sha256_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def hub_revision(resolved_dir: str) -> str | None:
+    """Commit hash of a snapshot in the Hugging Face cache (``.../snapshots/<hash>/``)."""
+    parts = Path(resolved_dir).parts
+    if "snapshots" in parts:
+        i = parts.index("snapshots")
+        if i + 1 < len(parts):
+            return parts[i + 1]
+    return None
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a score row records about the model that produced it."""
+
+    model_id: str  # hub id or local path
+    revision: str  # hub commit hash, or sha256:<digest> of local weights
+
+    def as_columns(self, prefix: str) -> dict[str, str]:
+        return {f"{prefix}_model": self.model_id, f"{prefix}_model_revision": self.revision}
+
+
+def identify(location: str, resolved_path: str | None = None) -> ModelIdentity:
+    """Identity of a model loaded from ``location`` (hub id or local path)."""
+    if is_local(location):
+        return ModelIdentity(model_id=str(Path(location).resolve()), revision="sha256:" + weights_digest(location))
+    rev = hub_revision(resolved_path) if resolved_path else None
+    if rev is None and resolved_path and is_local(resolved_path):
+        return ModelIdentity(model_id=location, revision="sha256:" + weights_digest(resolved_path))
+    return ModelIdentity(model_id=location, revision=rev or "unknown")
