@@ -113,7 +113,6 @@ class SweepSpec:
     prompts: tuple[str, ...]
     base_seed: int
     engine: str
-    batch_size: int = 4
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -136,7 +135,6 @@ def build_sweep_spec(
     prompts_dir: Path,
     base_seed: int = 0,
     engine: str = "realvis_xl",
-    batch_size: int = 4,
     known_engines: tuple[str, ...] | None = None,
 ) -> SweepSpec:
     """Validate every field and return a :class:`SweepSpec`. Raises :class:`SweepConfigError`."""
@@ -159,8 +157,6 @@ def build_sweep_spec(
             raise SweepConfigError(name, f"{value} is outside [{RESOLUTION_LIMITS[0]}, {RESOLUTION_LIMITS[1]}]")
     if isinstance(base_seed, bool) or not isinstance(base_seed, int) or not 0 <= base_seed < 2**63:
         raise SweepConfigError("base_seed", f"must be an integer in [0, 2**63), got {base_seed!r}")
-    if batch_size < 1 or batch_size > 64:
-        raise SweepConfigError("batch_size", f"must be in [1, 64], got {batch_size}")
     if known_engines is None:
         from flexyface_pipeline.lib.engines import ENGINES
 
@@ -180,5 +176,4 @@ def build_sweep_spec(
         prompts=tuple(resolved),
         base_seed=base_seed,
         engine=engine,
-        batch_size=batch_size,
     )

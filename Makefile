@@ -1,0 +1,51 @@
+# FlexyFace pipeline — set-up, demo and tests.
+#   make demo   create .venv, install, and run an offline demo sweep on tiny models (CPU)
+#   make test   create .venv, install, and run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+REPO := $(CURDIR)
+DEMO_SWEEP ?= demo
+
+.PHONY: setup demo test test-fast dev clean-demo
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	# hpsv2 and simple-aesthetics-predictor declare pins that conflict with dagster/diffusers:
+	# installed without their dependency lists (their real needs are in requirements.txt).
+	$(VENV)/bin/pip install --quiet --no-deps -r requirements-nodeps.txt
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	# hpsv2's wheel lacks its tokenizer vocabulary; copy open-clip-torch's identical file in.
+	$(VENV)/bin/python -c "from flexyface_pipeline.lib.models.tokenizer import ensure_hpsv2_vocab; ensure_hpsv2_vocab()"
+	@touch $(STAMP)
+
+# .env: read by the dagster CLI, `dagster dev` and `flexyface`. Written once; edit it afterwards.
+.env: .env.example
+	@if [ -f .env ]; then echo ".env exists: keeping it (compare with .env.example)"; touch .env; \
+	else sed "s|@@REPO@@|$(REPO)|g" .env.example > .env; echo "wrote .env"; fi
+
+data/dagster/dagster.yaml:
+	@mkdir -p data/dagster data/exports
+	@ln -sfn ../../dagster.yaml data/dagster/dagster.yaml
+
+setup: $(STAMP) .env data/dagster/dagster.yaml
+
+demo: setup
+	$(VENV)/bin/flexyface sweep $(DEMO_SWEEP) --images 24 --prompt-file demo.txt \
+		--steps 4 30 --guidance 1.0 9.0 --width 128 --height 128 --seed 7
+	@echo "Exports: $(REPO)/data/exports/sweep_results.parquet and $(REPO)/data/exports/sweep_results.csv"
+
+test: setup
+	$(VENV)/bin/python -m pytest -ra
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -ra -m "not slow"
+
+dev: setup
+	$(VENV)/bin/dagster dev
+
+clean-demo:
+	rm -rf data/sweeps data/images data/exports data/dagster

@@ -1,0 +1,179 @@
+"""``flexyface``: start, grow and re-score sweeps from the shell.
+
+Runs go through the Dagster instance named by ``DAGSTER_HOME`` (``.env`` in the current directory
+is read first, as the ``dagster`` CLI does), so they show up in the UI like runs launched there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger("flexyface")
+
+
+def _load_dotenv() -> None:
+    from dagster._utils.env import get_env_var_dict
+
+    for key, value in get_env_var_dict(os.getcwd()).items():
+        os.environ.setdefault(key, value)
+
+
+def _instance():
+    import dagster as dg
+
+    if not os.environ.get("DAGSTER_HOME"):
+        raise SystemExit(
+            "DAGSTER_HOME is not set: run `make setup` (it writes .env) or export DAGSTER_HOME to a directory "
+            "holding dagster.yaml"
+        )
+    return dg.DagsterInstance.get()
+
+
+def _storage_root() -> Path:
+    data_dir = os.environ.get("FLEXYFACE_DATA_DIR")
+    if not data_dir:
+        raise SystemExit("FLEXYFACE_DATA_DIR is not set: run `make setup` (it writes .env) or export it")
+    return Path(data_dir)
+
+
+def _sweep_run_config(args: argparse.Namespace) -> dict:
+    return {
+        "ops": {
+            "sweep_parameters": {
+                "config": {
+                    "num_images": args.images,
+                    "steps_min": args.steps[0],
+                    "steps_max": args.steps[1],
+                    "guidance_min": args.guidance[0],
+                    "guidance_max": args.guidance[1],
+                    "width": args.width,
+                    "height": args.height,
+                    "prompt_files": args.prompt_file or ([] if args.prompt else ["portraits.txt"]),
+                    "prompts": args.prompt or [],
+                    "base_seed": args.seed,
+                    "engine": args.engine,
+                }
+            }
+        }
+    }
+
+
+def _validate_sweep(args: argparse.Namespace) -> None:
+    """Fail on bad settings before anything is written or loaded."""
+    from flexyface_pipeline.lib.config import build_sweep_spec
+
+    cfg = _sweep_run_config(args)["ops"]["sweep_parameters"]["config"]
+    build_sweep_spec(sweep=args.name, prompts_dir=_storage_root() / "prompts", **cfg)
+
+
+def _check(result, what: str) -> None:
+    if not result.success:
+        raise SystemExit(f"{what} failed (run id {result.run_id}); see the logs above or the run in the UI")
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    from flexyface_pipeline.definitions import defs
+    from flexyface_pipeline.defs.partitions import sweeps_partitions
+
+    _validate_sweep(args)
+    instance = _instance()
+    if not instance.has_dynamic_partition(sweeps_partitions.name, args.name):
+        instance.add_dynamic_partitions(sweeps_partitions.name, [args.name])
+        logger.info("added sweep partition %s", args.name)
+    job = defs.resolve_job_def("sweep_job")
+    result = job.execute_in_process(instance=instance, partition_key=args.name, run_config=_sweep_run_config(args))
+    _check(result, f"sweep {args.name}")
+    if not args.no_export:
+        run_export(args)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from flexyface_pipeline.definitions import defs
+
+    instance = _instance()
+    result = defs.resolve_job_def("export_job").execute_in_process(instance=instance)
+    _check(result, "export")
+    exports = _storage_root() / "exports"
+    logger.info("exports written under %s", exports)
+    for path in sorted(exports.glob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            sys.stdout.write(f"{path}\n")
+
+
+def run_rescore(args: argparse.Namespace) -> None:
+    import dagster as dg
+
+    from flexyface_pipeline.definitions import defs
+    from flexyface_pipeline.defs.partitions import sweeps_partitions
+    from flexyface_pipeline.lib.config import validate_metrics
+    from flexyface_pipeline.lib.export import SCORE_TABLES
+
+    metrics = validate_metrics(args.metric)
+    instance = _instance()
+    known = instance.get_dynamic_partitions(sweeps_partitions.name)
+    sweeps = known if args.all else args.sweep
+    unknown = [s for s in sweeps if s not in known]
+    if unknown or not sweeps:
+        raise SystemExit(f"unknown sweep(s) {unknown or sweeps}; known sweeps: {known}")
+    selection = [SCORE_TABLES[m][0] for m in metrics]
+    job = dg.define_asset_job("rescore", selection=selection, partitions_def=sweeps_partitions)
+    resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("rescore")
+    for sweep in sweeps:
+        _check(resolved.execute_in_process(instance=instance, partition_key=sweep), f"re-scoring {sweep}")
+    if not args.no_export:
+        run_export(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexyface", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sweep = sub.add_parser("sweep", help="add a sweep partition, generate and score it, then export")
+    sweep.add_argument("name", help="sweep name (the partition key): letters, digits, '.', '_', '-'")
+    sweep.add_argument("--images", type=int, required=True, help="number of images")
+    sweep.add_argument("--steps", type=int, nargs=2, default=[8, 48], metavar=("MIN", "MAX"), help="steps range (4–60)")
+    sweep.add_argument("--guidance", type=float, nargs=2, default=[1.0, 8.0], metavar=("MIN", "MAX"),
+                       help="guidance range (0.5–12)")
+    sweep.add_argument("--width", type=int, default=512)
+    sweep.add_argument("--height", type=int, default=512)
+    sweep.add_argument("--prompt-file", action="append", help="prompt file under data/prompts/ (repeatable)")
+    sweep.add_argument("--prompt", action="append", help="inline prompt (repeatable)")
+    sweep.add_argument("--seed", type=int, default=0, help="base seed")
+    sweep.add_argument("--engine", default="realvis_xl")
+    sweep.add_argument("--no-export", action="store_true", help="skip merging into data/exports/")
+    sweep.set_defaults(func=run_sweep)
+
+    rescore = sub.add_parser("rescore", help="recompute one or more metrics for some or all sweeps")
+    rescore.add_argument("metric", nargs="+", help="clip_score, aesthetic_score, aes_v2_score, hps_v2_score")
+    target = rescore.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sweep", action="append", help="sweep to re-score (repeatable)")
+    target.add_argument("--all", action="store_true", help="every sweep")
+    rescore.add_argument("--no-export", action="store_true")
+    rescore.set_defaults(func=run_rescore)
+
+    export = sub.add_parser("export", help="merge every sweep into data/exports/")
+    export.set_defaults(func=run_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    _load_dotenv()
+    from flexyface_pipeline.lib.config import SweepConfigError
+
+    try:
+        args.func(args)
+    except SweepConfigError as err:
+        logger.error("invalid sweep: %s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

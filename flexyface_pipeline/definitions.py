@@ -1,0 +1,39 @@
+"""The Dagster code location: assembles assets, jobs, resources and schedules."""
+
+import dagster as dg
+
+from flexyface_pipeline.defs.assets.results import sweep_results
+from flexyface_pipeline.defs.assets.scores import score_assets
+from flexyface_pipeline.defs.assets.sweep import generated_images, sweep_parameters
+from flexyface_pipeline.defs.jobs import export_job, sweep_job
+from flexyface_pipeline.defs.resources import ModelResource, StorageResource
+
+
+def env_resources() -> dict[str, dg.ConfigurableResource]:
+    """Resources configured from the environment (``.env`` at the repository root), resolved at launch."""
+    storage = StorageResource(data_dir=dg.EnvVar("FLEXYFACE_DATA_DIR"))
+    models = ModelResource(
+        storage=storage,
+        profile=dg.EnvVar("FLEXYFACE_MODEL_PROFILE"),
+        device=dg.EnvVar("FLEXYFACE_DEVICE"),
+        dtype=dg.EnvVar("FLEXYFACE_DTYPE"),
+        realvis_xl_model=dg.EnvVar("FLEXYFACE_REALVIS_XL_MODEL"),
+        clip_model=dg.EnvVar("FLEXYFACE_CLIP_MODEL"),
+        aesthetic_v1_model=dg.EnvVar("FLEXYFACE_AESTHETIC_V1_MODEL"),
+        aesthetic_v2_model=dg.EnvVar("FLEXYFACE_AESTHETIC_V2_MODEL"),
+        hps_v2_model=dg.EnvVar("FLEXYFACE_HPS_V2_MODEL"),
+    )
+    return {"storage": storage, "models": models}
+
+
+def build_definitions(resources: dict[str, dg.ConfigurableResource]) -> dg.Definitions:
+    return dg.Definitions(
+        assets=[sweep_parameters, generated_images, *score_assets, sweep_results],
+        jobs=[sweep_job, export_job],
+        resources=resources,
+        # One process per run: a model is loaded once per run and GPU steps never overlap within a run.
+        executor=dg.in_process_executor,
+    )
+
+
+defs = build_definitions(env_resources())

@@ -1,0 +1,88 @@
+"""One score table per metric. Each can be materialized alone (re-scoring one metric)."""
+
+from __future__ import annotations
+
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from flexyface_pipeline.lib.export import SCORE_TABLES
+from flexyface_pipeline.lib.metrics.images import score_paths
+from flexyface_pipeline.defs.assets.sweep import generated_images
+from flexyface_pipeline.defs.partitions import sweeps_partitions
+from flexyface_pipeline.defs.resources import ModelResource, StorageResource
+
+DESCRIPTIONS = {
+    "clip_score": "CLIP ViT-L/14 cosine similarity of image and prompt, clipped at 0 (0–1).",
+    "aesthetic_score": "LAION aesthetic predictor v1 (simple-aesthetics-predictor V1) on the CLIP ViT-L/14 embedding.",
+    "aes_v2_score": "Aesthetics predictor v2, sac+logos+ava1 linear MSE head (simple-aesthetics-predictor).",
+    "hps_v2_score": "Human Preference Score v2.1 (hpsv2's ViT-H-14 with the v2.1 checkpoint).",
+}
+
+
+def score_sweep(metric: str, sweep: str, storage: StorageResource, models: ModelResource,
+                log) -> pd.DataFrame:
+    """Score every image of ``sweep`` with ``metric`` and return its score table."""
+    store = storage.store()
+    params = store.read_table("parameters", sweep)
+    images = store.read_table("images", sweep)
+    rows = params[["image_id", "prompt"]].merge(images[["image_id", "image_path"]], on="image_id", validate="one_to_one")
+    paths = [store.absolute(p) for p in rows["image_path"]]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"sweep {sweep!r}: {len(missing)} image(s) missing, e.g. {missing[0]}; materialize generated_images first"
+        )
+    scorer = models.scorer(metric)
+    t0 = time.perf_counter()
+    scores = score_paths(scorer, paths, list(rows["prompt"]), batch_size=models.scoring_batch_size, log=log)
+    log.info("%s: scored %d images of %s in %.2f s", metric, len(paths), sweep, time.perf_counter() - t0)
+    prefix = SCORE_TABLES[metric][1]
+    table = pd.DataFrame({"image_id": rows["image_id"], metric: np.asarray(scores, dtype=np.float64)})
+    for column, value in scorer.identity.as_columns(prefix).items():
+        table[column] = value
+    return table
+
+
+def build_score_asset(metric: str) -> dg.AssetsDefinition:
+    table_name, prefix = SCORE_TABLES[metric]
+
+    @dg.asset(
+        name=table_name,
+        partitions_def=sweeps_partitions,
+        deps=[generated_images],
+        group_name="scores",
+        kinds={"pytorch", "parquet"},
+        pool="gpu",
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        description=DESCRIPTIONS[metric],
+        retry_policy=dg.RetryPolicy(max_retries=0),
+    )
+    def _score_asset(context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource) -> dg.MaterializeResult:
+        store = storage.store()
+        tables = []
+        try:
+            for sweep in context.partition_keys:
+                table = score_sweep(metric, sweep, storage, models, context.log)
+                store.write_table(table_name, sweep, table)
+                tables.append(table)
+        finally:
+            models.release()
+        values = pd.concat(tables)[metric]
+        return dg.MaterializeResult(
+            metadata={
+                "num_images": dg.MetadataValue.int(len(values)),
+                f"mean_{metric}": dg.MetadataValue.float(float(values.mean())),
+                f"min_{metric}": dg.MetadataValue.float(float(values.min())),
+                f"max_{metric}": dg.MetadataValue.float(float(values.max())),
+                "model": dg.MetadataValue.text(str(tables[0][f"{prefix}_model"].iloc[0])),
+                "model_revision": dg.MetadataValue.text(str(tables[0][f"{prefix}_model_revision"].iloc[0])),
+            }
+        )
+
+    return _score_asset
+
+
+score_assets = [build_score_asset(metric) for metric in SCORE_TABLES]

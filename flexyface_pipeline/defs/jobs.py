@@ -1,0 +1,23 @@
+import dagster as dg
+
+from flexyface_pipeline.defs.assets.results import sweep_results
+from flexyface_pipeline.defs.assets.scores import score_assets
+from flexyface_pipeline.defs.assets.sweep import generated_images, sweep_parameters
+from flexyface_pipeline.defs.partitions import sweeps_partitions
+
+sweep_selection = dg.AssetSelection.assets(sweep_parameters, generated_images, *score_assets)
+
+# Sample, generate and score one sweep (one partition).
+sweep_job = dg.define_asset_job(
+    "sweep_job",
+    selection=sweep_selection,
+    partitions_def=sweeps_partitions,
+    description="Sample, generate and score one sweep.",
+)
+
+# Merge every sweep into the export (and what is computed from it).
+export_job = dg.define_asset_job(
+    "export_job",
+    selection=dg.AssetSelection.assets(sweep_results).downstream(),
+    description="Merge all sweeps into data/exports/ and refresh what is computed from the export.",
+)

@@ -1,0 +1,165 @@
+"""Resources: where data lives, and the one model slot that GPU assets share."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from flexyface_pipeline.lib.models.common import PROFILES, Runtime, free_memory, resolve_runtime
+from flexyface_pipeline.lib.store import SweepStore
+
+logger = logging.getLogger(__name__)
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The data directory: prompts, sweeps, images, exports, built models."""
+
+    data_dir: str = "data"
+
+    def store(self) -> SweepStore:
+        return SweepStore(self.data_dir)
+
+
+class ModelResource(dg.ConfigurableResource):
+    """Loads engines and scorers by name and holds at most one model at a time.
+
+    ``profile`` decides where weights come from: ``real`` (hub ids, the HF cache or local
+    directories, below), ``tiny`` (small random-weight models of the same classes, built by the
+    project under ``<data_dir>/models/tiny``) or ``random_full`` (full-size architectures with
+    random weights, for benchmarks). Every profile loads through the same ``from_pretrained`` /
+    checkpoint path.
+    """
+
+    storage: StorageResource
+    profile: str = "real"
+    device: str = "auto"
+    dtype: str = "auto"
+    tf32: bool = True
+    offline: bool = False
+    compile_unet: bool = False
+    generation_batch_size: int = 4
+    scoring_batch_size: int = 16
+    realvis_xl_model: str = "SG161222/RealVisXL_V5.0"
+    clip_model: str = "openai/clip-vit-large-patch14"
+    aesthetic_v1_model: str = "shunk031/aesthetics-predictor-v1-vit-large-patch14"
+    aesthetic_v2_model: str = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
+    hps_v2_model: str = "xswu/HPSv2"
+
+    _runtime: Runtime | None = PrivateAttr(default=None)
+    _slot_key: str | None = PrivateAttr(default=None)
+    _slot: Any = PrivateAttr(default=None)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.validate()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.release()
+
+    def validate(self) -> None:
+        """Check the settings without loading anything."""
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile: expected one of {list(PROFILES)}, got {self.profile!r}")
+        if self.generation_batch_size < 1 or self.scoring_batch_size < 1:
+            raise ValueError("generation_batch_size and scoring_batch_size must be >= 1")
+        self._runtime = resolve_runtime(self.device, self.dtype, self.tf32)
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            self.validate()
+        assert self._runtime is not None
+        return self._runtime
+
+    @property
+    def is_offline(self) -> bool:
+        if self.profile != "real" or self.offline:
+            return True
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+
+    # -- locations ---------------------------------------------------------------------------
+    def configured_location(self, key: str) -> str:
+        return {
+            "realvis_xl": self.realvis_xl_model,
+            "clip_score": self.clip_model,
+            "aesthetic_score": self.aesthetic_v1_model,
+            "aes_v2_score": self.aesthetic_v2_model,
+            "hps_v2_score": self.hps_v2_model,
+        }[key]
+
+    def location(self, key: str, builder: Any) -> str:
+        """Where the weights for ``key`` are, building random-weight models on first use."""
+        if self.profile == "real":
+            return self.configured_location(key)
+        target = self.storage.store().models_dir / self.profile / key
+        if not (target / ".complete").is_file():
+            build = builder.build_tiny if self.profile == "tiny" else builder.build_random_full
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+            logger.info("building %s model %s under %s", self.profile, key, target)
+            try:
+                build(tmp)
+                (tmp / ".complete").write_text("ok\n")
+                if target.exists():
+                    shutil.rmtree(target)
+                tmp.rename(target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return str(target)
+
+    # -- the model slot ----------------------------------------------------------------------
+    def _take(self, key: str, load: Any) -> Any:
+        if self._slot_key == key and self._slot is not None:
+            return self._slot
+        self.release()
+        self._slot = load()
+        self._slot_key = key
+        return self._slot
+
+    def engine(self, name: str):
+        """The generation engine ``name``, loaded (any other model is released first)."""
+        from flexyface_pipeline.lib.engines import get_engine
+
+        cls = get_engine(name)
+
+        def load():
+            location = self.location(name, cls)
+            return cls.load(location, self.runtime, offline=self.is_offline, compile=self.compile_unet)
+
+        return self._take(f"engine:{name}", load)
+
+    def scorer(self, metric: str):
+        """The scorer for ``metric``, loaded (any other model is released first)."""
+        from flexyface_pipeline.lib.metrics import get_scorer
+
+        cls = get_scorer(metric)
+
+        def load():
+            location = self.location(metric, cls)
+            return cls.load(location, self.runtime, offline=self.is_offline)
+
+        return self._take(f"scorer:{metric}", load)
+
+    def release(self) -> None:
+        """Drop the loaded model and return its memory (CUDA cache included)."""
+        if self._slot is not None:
+            close = getattr(self._slot, "close", None)
+            if callable(close):
+                close()
+            logger.info("released %s", self._slot_key)
+        self._slot = None
+        self._slot_key = None
+        free_memory(self._runtime.device if self._runtime else None)
+
+    @property
+    def loaded(self) -> str | None:
+        return self._slot_key

@@ -1,0 +1,189 @@
+"""Generate a sweep's images, resumable.
+
+Each PNG carries its own row (prompt, steps, guidance, seed, size, engine, model, elapsed_ms) in a
+``flexyface`` text chunk and is written atomically, so after a crash every file that exists is
+complete. On a re-run an image is kept only if it decodes fully and its chunk matches its row;
+everything else is generated again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, PngImagePlugin
+
+from flexyface_pipeline.lib.atomic import atomic_path
+from flexyface_pipeline.lib.engines.base import Engine, ImageRequest
+from flexyface_pipeline.lib.store import SweepStore
+
+logger = logging.getLogger(__name__)
+
+PNG_KEY = "flexyface"
+# Fields of a row that must match the PNG's chunk for the file to count as that row's image.
+IDENTITY_FIELDS = ("image_id", "prompt", "steps", "guidance", "seed", "width", "height", "engine")
+
+IMAGE_COLUMNS = [
+    "image_id",
+    "image_path",
+    "elapsed_ms",
+    "batch_size",
+    "engine_model",
+    "engine_model_revision",
+]
+
+
+def _row_identity(row: dict) -> dict:
+    out = {k: row[k] for k in IDENTITY_FIELDS}
+    out["steps"] = int(out["steps"])
+    out["seed"] = int(out["seed"])
+    out["width"] = int(out["width"])
+    out["height"] = int(out["height"])
+    out["guidance"] = round(float(out["guidance"]), 6)
+    return out
+
+
+def read_png_record(path: Path) -> dict | None:
+    """The row stored in a PNG, or None if the file is missing, truncated or not ours."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes every byte: a truncated file raises here
+            text = im.text.get(PNG_KEY) if hasattr(im, "text") else None
+    except (OSError, SyntaxError, ValueError):
+        return None
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def verify_image(path: Path, row: dict) -> dict | None:
+    """Return the stored record if ``path`` is a complete image of exactly this row."""
+    record = read_png_record(path)
+    if record is None:
+        return None
+    stored = {k: record.get(k) for k in IDENTITY_FIELDS}
+    if stored.get("guidance") is not None:
+        stored["guidance"] = round(float(stored["guidance"]), 6)
+    return record if stored == _row_identity(row) else None
+
+
+def write_png(path: Path, image: Image.Image, record: dict) -> Path:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_KEY, json.dumps(record, sort_keys=True))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return path
+
+
+@dataclass
+class GenerationReport:
+    table: pd.DataFrame
+    generated: int
+    reused: int
+    seconds: float
+
+
+def generate_sweep(
+    parameters: pd.DataFrame,
+    store: SweepStore,
+    engine_factory: Callable[[], Engine],
+    *,
+    batch_size: int,
+    log: logging.Logger | None = None,
+    after_batch: Callable[[int], None] | None = None,
+) -> GenerationReport:
+    """Generate every missing image of ``parameters`` (one sweep) and return the images table.
+
+    ``engine_factory`` is called only if at least one image is missing. ``elapsed_ms`` of an image is
+    the wall time of the pipeline call that produced its batch divided by the batch's size (PNG
+    encoding excluded: it runs in a background thread).
+    """
+    log = log or logger
+    start = time.perf_counter()
+    rows = parameters.to_dict("records")
+    done: dict[str, dict] = {}
+    todo: list[dict] = []
+    for row in rows:
+        path = store.image_path(row["sweep"], row["image_id"])
+        record = verify_image(path, row) if path.exists() else None
+        if record is not None:
+            done[row["image_id"]] = record
+        else:
+            if path.exists():
+                log.warning("image %s does not match its row or is incomplete: generating it again", path.name)
+            todo.append(row)
+    if done:
+        log.info("%d of %d images already complete and verified; %d to generate", len(done), len(rows), len(todo))
+
+    if todo:
+        engine = engine_factory()
+        requests = {
+            r["image_id"]: (
+                r,
+                ImageRequest(
+                    image_id=r["image_id"],
+                    prompt=r["prompt"],
+                    steps=int(r["steps"]),
+                    guidance=float(r["guidance"]),
+                    seed=int(r["seed"]),
+                    width=int(r["width"]),
+                    height=int(r["height"]),
+                ),
+            )
+            for r in todo
+        }
+        batches = engine.plan_batches([req for _, req in requests.values()], batch_size)
+        identity = engine.identity
+        pending: list[Future] = []
+        finished = 0
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="png") as writer:
+            for batch in batches:
+                t0 = time.perf_counter()
+                images = engine.generate(batch)
+                per_image_ms = (time.perf_counter() - t0) * 1000.0 / len(batch)
+                for req, image in zip(batch, images, strict=True):
+                    row = requests[req.image_id][0]
+                    record = _row_identity(row) | {
+                        "elapsed_ms": round(per_image_ms, 3),
+                        "batch_size": len(batch),
+                        "engine_model": identity.model_id,
+                        "engine_model_revision": identity.revision,
+                    }
+                    path = store.image_path(row["sweep"], row["image_id"])
+                    pending.append(writer.submit(write_png, path, image, record))
+                    done[req.image_id] = record
+                # A batch counts as finished once its files are on disk.
+                for fut in pending:
+                    fut.result()
+                pending.clear()
+                finished += len(batch)
+                log.info("generated %d/%d images (steps=%d, batch of %d, %.0f ms/image)",
+                         finished, len(todo), batch[0].steps, len(batch), per_image_ms)
+                if after_batch is not None:
+                    after_batch(finished)
+
+    table = pd.DataFrame(
+        [
+            {
+                "image_id": r["image_id"],
+                "image_path": store.relative(store.image_path(r["sweep"], r["image_id"])),
+                "elapsed_ms": float(done[r["image_id"]]["elapsed_ms"]),
+                "batch_size": int(done[r["image_id"]].get("batch_size", 1)),
+                "engine_model": done[r["image_id"]].get("engine_model", ""),
+                "engine_model_revision": done[r["image_id"]].get("engine_model_revision", ""),
+            }
+            for r in rows
+        ],
+        columns=IMAGE_COLUMNS,
+    )
+    return GenerationReport(table=table, generated=len(todo), reused=len(rows) - len(todo),
+                            seconds=time.perf_counter() - start)

@@ -1,0 +1,80 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from flexyface_pipeline.lib.config import METRICS
+from flexyface_pipeline.lib.export import EXPORT_COLUMNS, SCORE_TABLES, finalize, merge_sweep, write_export
+
+
+def _sweep(name: str, n: int, rng: np.random.Generator, scored: set[str]):
+    params = pd.DataFrame(
+        {
+            "image_id": [f"{name}-{i:05d}" for i in range(n)],
+            "sweep": name,
+            "index": range(n),
+            "prompt": [f"prompt {i % 3}" for i in range(n)],
+            "prompt_index": [i % 3 for i in range(n)],
+            "steps": rng.integers(4, 8, n),
+            "guidance": np.round(rng.uniform(1, 3, n), 2),
+            "seed": rng.integers(0, 2**31, n),
+            "width": 64,
+            "height": 64,
+            "engine": "realvis_xl",
+        }
+    )
+    images = pd.DataFrame(
+        {
+            "image_id": params["image_id"],
+            "image_path": [f"images/{name}/{i}.png" for i in params["image_id"]],
+            "elapsed_ms": rng.uniform(10, 20, n),
+            "batch_size": 2,
+            "engine_model": "m",
+            "engine_model_revision": "r",
+        }
+    )
+    scores = {}
+    for metric in scored:
+        prefix = SCORE_TABLES[metric][1]
+        scores[metric] = pd.DataFrame(
+            {"image_id": params["image_id"], metric: rng.uniform(0, 1, n), f"{prefix}_model": "x",
+             f"{prefix}_model_revision": "sha256:0"}
+        )
+    return params, images, scores
+
+
+def test_export_schema_order_and_filtering(tmp_path):
+    rng = np.random.default_rng(0)
+    full = merge_sweep(*_sweep("a", 30, rng, set(METRICS)))
+    partial = merge_sweep(*_sweep("b", 20, rng, {"clip_score", "hps_v2_score"}))
+    # one row of sweep a loses a score: it must be left out
+    full.loc[3, "aes_v2_score"] = np.nan
+    df = finalize([full, partial])
+    assert list(df.columns) == EXPORT_COLUMNS
+    assert list(df.columns[:8]) == ["steps", "guidance", "clip_score", "aesthetic_score", "aes_v2_score",
+                                    "hps_v2_score", "elapsed_ms", "seed"]
+    assert len(df) == 29 and set(df["sweep"]) == {"a"}
+    assert "a-00003" not in set(df["image_id"])
+    keys = list(zip(df["steps"], df["guidance"]))
+    assert keys == sorted(keys)
+    for metric in METRICS:
+        assert df[metric].dtype == np.float64 and df[metric].notna().all()
+
+    parquet, csv = write_export(df, tmp_path)
+    back = pd.read_parquet(parquet)
+    pd.testing.assert_frame_equal(back, df)
+    header = csv.read_text().splitlines()[0].split(",")
+    assert header == EXPORT_COLUMNS
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_merge_refuses_duplicate_rows():
+    rng = np.random.default_rng(1)
+    params, images, scores = _sweep("a", 5, rng, {"clip_score"})
+    scores["clip_score"] = pd.concat([scores["clip_score"], scores["clip_score"].iloc[:1]])
+    with pytest.raises(pd.errors.MergeError):
+        merge_sweep(params, images, scores)
+
+
+def test_empty_export_has_the_columns():
+    df = finalize([])
+    assert list(df.columns) == EXPORT_COLUMNS and len(df) == 0
