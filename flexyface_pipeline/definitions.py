@@ -7,6 +7,7 @@ from flexyface_pipeline.defs.assets.scores import score_assets
 from flexyface_pipeline.defs.assets.sweep import generated_images, sweep_parameters
 from flexyface_pipeline.defs.jobs import export_job, sweep_job
 from flexyface_pipeline.defs.resources import ModelResource, StorageResource
+from flexyface_pipeline.defs.schedules import export_after_sweep, nightly_sweep_schedule
 
 
 def env_resources() -> dict[str, dg.ConfigurableResource]:
@@ -30,6 +31,8 @@ def build_definitions(resources: dict[str, dg.ConfigurableResource]) -> dg.Defin
     return dg.Definitions(
         assets=[sweep_parameters, generated_images, *score_assets, sweep_results],
         jobs=[sweep_job, export_job],
+        schedules=[nightly_sweep_schedule],
+        sensors=[export_after_sweep],
         resources=resources,
         # One process per run: a model is loaded once per run and GPU steps never overlap within a run.
         executor=dg.in_process_executor,

@@ -43,6 +43,7 @@ class ModelResource(dg.ConfigurableResource):
     tf32: bool = True
     offline: bool = False
     compile_unet: bool = False
+    models_dir: str = ""  # where random-weight profiles are built; empty: <data_dir>/models
     generation_batch_size: int = 4
     scoring_batch_size: int = 16
     realvis_xl_model: str = "SG161222/RealVisXL_V5.0"
@@ -99,7 +100,8 @@ class ModelResource(dg.ConfigurableResource):
         """Where the weights for ``key`` are, building random-weight models on first use."""
         if self.profile == "real":
             return self.configured_location(key)
-        target = self.storage.store().models_dir / self.profile / key
+        root = Path(self.models_dir) if self.models_dir else self.storage.store().models_dir
+        target = root / self.profile / key
         if not (target / ".complete").is_file():
             build = builder.build_tiny if self.profile == "tiny" else builder.build_random_full
             target.parent.mkdir(parents=True, exist_ok=True)

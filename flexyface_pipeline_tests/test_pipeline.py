@@ -1,0 +1,158 @@
+"""The asset graph end to end on tiny models, through a real (temporary) Dagster instance."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import dagster as dg
+from PIL import Image
+
+from flexyface_pipeline.lib.config import METRICS
+from flexyface_pipeline.lib.export import EXPORT_COLUMNS
+from flexyface_pipeline.lib.generation import generate_sweep, read_png_record
+from flexyface_pipeline.lib.store import SweepStore
+from flexyface_pipeline_tests.conftest import REPO
+from flexyface_pipeline_tests.helpers import file_hashes, run_sweep, tiny_defs, tiny_resources
+
+ASSET_KEYS = {
+    "sweep_parameters",
+    "generated_images",
+    "clip_scores",
+    "aesthetic_scores",
+    "aes_v2_scores",
+    "hps_v2_scores",
+    "sweep_results",
+}
+
+
+def test_definitions_load_with_the_asset_keys():
+    from flexyface_pipeline.definitions import defs
+
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert ASSET_KEYS <= keys
+    for job in ("sweep_job", "export_job"):
+        assert defs.resolve_job_def(job).name == job
+    gpu_assets = {"generated_images", "clip_scores", "aesthetic_scores", "aes_v2_scores", "hps_v2_scores"}
+    for spec in defs.resolve_asset_graph().asset_nodes:
+        if spec.key.to_user_string() in gpu_assets:
+            assert spec.pools == {"gpu"}
+
+
+def test_whole_graph_materializes_and_exports(data_dir, tiny_models_dir, dagster_home):
+    defs = tiny_defs(data_dir, tiny_models_dir)
+    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
+        result = run_sweep(defs, instance, "e2e", 8)
+        assert result.success
+        export = defs.resolve_job_def("export_job").execute_in_process(instance=instance)
+        assert export.success
+        mats = instance.fetch_materializations(dg.AssetKey("hps_v2_scores"), limit=10).records
+        assert [m.partition_key for m in mats] == ["e2e"]
+
+    df = pd.read_parquet(data_dir / "exports" / "sweep_results.parquet")
+    csv = pd.read_csv(data_dir / "exports" / "sweep_results.csv")
+    assert list(df.columns) == EXPORT_COLUMNS == list(csv.columns)
+    assert len(df) == 8 == len(csv)
+    for metric in METRICS:
+        assert np.isfinite(df[metric]).all()
+    assert df["clip_score"].between(0, 1).all()
+    assert df["steps"].between(4, 7).all()
+    assert (df["elapsed_ms"] > 0).all()
+    assert df["prompt"].nunique() == 4
+    # every image exists, decodes at the sweep's size and carries its row
+    for row in df.itertuples():
+        path = data_dir / row.image_path
+        with Image.open(path) as im:
+            assert im.size == (64, 64)
+        record = read_png_record(path)
+        assert record["seed"] == row.seed and record["steps"] == row.steps
+    assert df["hps_v2_model_revision"].str.startswith("sha256:").all()
+
+
+def test_rescoring_one_metric_touches_only_its_table(data_dir, tiny_models_dir, dagster_home):
+    """The documented CLI line re-scores HPS alone; images and other score tables keep their bytes."""
+    defs = tiny_defs(data_dir, tiny_models_dir)
+    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
+        assert run_sweep(defs, instance, "r1", 6).success
+    before = file_hashes(data_dir / "images") | file_hashes(data_dir / "sweeps")
+    hps = data_dir / "sweeps" / "r1" / "hps_v2_scores.parquet"
+    hps.unlink()  # proves the table is written again by the re-score
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXYFACE_", "DAGSTER_"))}
+    env |= {"DAGSTER_HOME": str(dagster_home), "FLEXYFACE_DATA_DIR": str(data_dir), "FLEXYFACE_MODEL_PROFILE": "tiny",
+            "FLEXYFACE_DEVICE": "cpu", "FLEXYFACE_DTYPE": "auto"}
+    env |= {f"FLEXYFACE_{name}_MODEL": "unused-in-tiny/profile" for name in ("REALVIS_XL", "CLIP", "AESTHETIC_V1",
+                                                                              "AESTHETIC_V2", "HPS_V2")}
+    cmd = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "flexyface_pipeline.definitions",
+           "--select", "hps_v2_scores", "--partition", "r1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = file_hashes(data_dir / "images") | file_hashes(data_dir / "sweeps")
+    assert set(before) == set(after)
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed <= {"r1/hps_v2_scores.parquet"}  # same weights: even the HPS table may be byte-identical
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        runs = instance.get_runs(limit=1)
+        assert runs[0].asset_selection == {dg.AssetKey("hps_v2_scores")}
+
+
+def test_growing_keeps_earlier_sweeps_untouched(data_dir, tiny_models_dir, dagster_home):
+    defs = tiny_defs(data_dir, tiny_models_dir)
+    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
+        assert run_sweep(defs, instance, "g1", 4).success
+        first = file_hashes(data_dir / "images" / "g1") | file_hashes(data_dir / "sweeps" / "g1")
+        assert run_sweep(defs, instance, "g2", 5, base_seed=11).success
+        assert defs.resolve_job_def("export_job").execute_in_process(instance=instance).success
+        second_run = instance.get_runs(limit=2)[1]
+    assert first == file_hashes(data_dir / "images" / "g1") | file_hashes(data_dir / "sweeps" / "g1")
+    df = pd.read_parquet(data_dir / "exports" / "sweep_results.parquet")
+    assert df.groupby("sweep").size().to_dict() == {"g1": 4, "g2": 5}
+    assert second_run.tags.get("dagster/partition") == "g2"
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_regenerates_at_most_one_batch(data_dir, tiny_models_dir, tmp_path):
+    from flexyface_pipeline.lib.config import build_sweep_spec
+    from flexyface_pipeline.lib.sampling import sample_parameters
+
+    models = tiny_resources(data_dir, tiny_models_dir)["models"]
+    spec = build_sweep_spec(sweep="crash", num_images=10, steps_min=4, steps_max=5, width=64, height=64,
+                            prompt_files=["demo.txt"], prompts_dir=data_dir / "prompts", base_seed=5)
+    params = sample_parameters(spec)
+    store = SweepStore(data_dir)
+    calls = {"n": 0}
+
+    def crash_after_first_batches(done: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Crash("power cut")
+
+    with pytest.raises(_Crash):
+        generate_sweep(params, store, lambda: models.engine("realvis_xl"), batch_size=3,
+                       after_batch=crash_after_first_batches)
+    finished = sorted(p.name for p in store.images_dir("crash").glob("*.png"))
+    assert not list(store.images_dir("crash").glob("*.tmp"))
+    assert 3 <= len(finished) < 10
+    # a half-written file is not an image: truncate one, it must be regenerated
+    victim = store.images_dir("crash") / finished[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+
+    report = generate_sweep(params, store, lambda: models.engine("realvis_xl"), batch_size=3)
+    assert report.reused == len(finished) - 1
+    assert report.generated == 10 - len(finished) + 1
+    assert sorted(p.name for p in store.images_dir("crash").glob("*.png")) == sorted(report.table["image_path"].str.split("/").str[-1])
+
+    # same pixels as an uninterrupted run
+    clean = SweepStore(tmp_path / "clean")
+    generate_sweep(params, clean, lambda: models.engine("realvis_xl"), batch_size=3)
+    models.release()
+    for name in report.table["image_id"]:
+        a = np.asarray(Image.open(store.image_path("crash", name)))
+        b = np.asarray(Image.open(clean.image_path("crash", name)))
+        assert np.array_equal(a, b), name
