@@ -4,6 +4,7 @@ import dagster as dg
 
 from flexyface_pipeline.defs.assets.results import sweep_results
 from flexyface_pipeline.defs.assets.scores import score_assets
+from flexyface_pipeline.defs.checks import export_checks
 from flexyface_pipeline.defs.assets.sweep import generated_images, sweep_parameters
 from flexyface_pipeline.defs.jobs import export_job, sweep_job
 from flexyface_pipeline.defs.resources import ModelResource, StorageResource
@@ -30,6 +31,7 @@ def env_resources() -> dict[str, dg.ConfigurableResource]:
 def build_definitions(resources: dict[str, dg.ConfigurableResource]) -> dg.Definitions:
     return dg.Definitions(
         assets=[sweep_parameters, generated_images, *score_assets, sweep_results],
+        asset_checks=[export_checks],
         jobs=[sweep_job, export_job],
         schedules=[nightly_sweep_schedule],
         sensors=[export_after_sweep],

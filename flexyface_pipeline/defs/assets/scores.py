@@ -8,6 +8,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from flexyface_pipeline.lib.checks import check_scores
 from flexyface_pipeline.lib.export import SCORE_TABLES
 from flexyface_pipeline.lib.metrics.images import score_paths
 from flexyface_pipeline.defs.assets.sweep import generated_images
@@ -58,20 +59,30 @@ def build_score_asset(metric: str) -> dg.AssetsDefinition:
         pool="gpu",
         backfill_policy=dg.BackfillPolicy.single_run(),
         description=DESCRIPTIONS[metric],
-        retry_policy=dg.RetryPolicy(max_retries=0),
+        check_specs=[dg.AssetCheckSpec("scores_valid", asset=table_name,
+                                        description="No missing/non-finite score, values in range, one row per image.")],
     )
     def _score_asset(context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource) -> dg.MaterializeResult:
         store = storage.store()
-        tables = []
+        tables, outcomes = [], []
         try:
             for sweep in context.partition_keys:
                 table = score_sweep(metric, sweep, storage, models, context.log)
                 store.write_table(table_name, sweep, table)
                 tables.append(table)
+                outcomes.append(check_scores(table, metric, len(store.read_table("parameters", sweep))))
         finally:
             models.release()
         values = pd.concat(tables)[metric]
+        check = dg.AssetCheckResult(
+            check_name="scores_valid",
+            passed=all(o.passed for o in outcomes),
+            severity=dg.AssetCheckSeverity.ERROR,
+            description="; ".join(f"{k}: {o.description}" for k, o in zip(context.partition_keys, outcomes)),
+            metadata={"bad_image_ids": [i for o in outcomes for i in o.metadata["bad_image_ids"]][:20]},
+        )
         return dg.MaterializeResult(
+            check_results=[check],
             metadata={
                 "num_images": dg.MetadataValue.int(len(values)),
                 f"mean_{metric}": dg.MetadataValue.float(float(values.mean())),

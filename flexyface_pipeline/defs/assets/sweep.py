@@ -13,6 +13,7 @@ from flexyface_pipeline.lib.config import (
     SweepSpec,
     build_sweep_spec,
 )
+from flexyface_pipeline.lib.checks import check_images_exist
 from flexyface_pipeline.lib.generation import generate_sweep
 from flexyface_pipeline.lib.sampling import sample_parameters
 from flexyface_pipeline.lib.store import SweepStore
@@ -110,6 +111,8 @@ def sweep_parameters(context: dg.AssetExecutionContext, config: SweepConfig, sto
     kinds={"pytorch", "diffusers", "png"},
     pool="gpu",
     backfill_policy=dg.BackfillPolicy.single_run(),
+    check_specs=[dg.AssetCheckSpec("images_exist", asset="generated_images",
+                                   description="Every row of the sweep has its image file.")],
     description="PNG images of a sweep under data/images/<sweep>/, each carrying its settings; "
     "finished images are verified and kept when a run is repeated.",
 )
@@ -117,6 +120,7 @@ def generated_images(context: dg.AssetExecutionContext, storage: StorageResource
     store = storage.store()
     totals = {"generated": 0, "reused": 0, "images": 0}
     seconds = 0.0
+    missing: list[str] = []
     for sweep in context.partition_keys:
         params = store.read_table("parameters", sweep)
         engine_name = str(params["engine"].iloc[0])
@@ -128,6 +132,7 @@ def generated_images(context: dg.AssetExecutionContext, storage: StorageResource
             log=context.log,
         )
         store.write_table("images", sweep, report.table)
+        missing += check_images_exist([store.absolute(p) for p in report.table["image_path"]]).metadata["missing"]
         totals["generated"] += report.generated
         totals["reused"] += report.reused
         totals["images"] += len(report.table)
@@ -135,6 +140,11 @@ def generated_images(context: dg.AssetExecutionContext, storage: StorageResource
     models.release()
     generated_per_s = totals["generated"] / seconds if totals["generated"] and seconds > 0 else 0.0
     return dg.MaterializeResult(
+        check_results=[
+            dg.AssetCheckResult(check_name="images_exist", passed=not missing,
+                                description=f"{len(missing)} missing" if missing else "all image files exist",
+                                metadata={"missing": dg.MetadataValue.json(missing[:20])})
+        ],
         metadata={
             "num_images": dg.MetadataValue.int(totals["images"]),
             "generated": dg.MetadataValue.int(totals["generated"]),
