@@ -1,0 +1,139 @@
+"""LAION aesthetic predictors v1 and v2 (linear MSE head) through simple-aesthetics-predictor.
+
+Both are heads on the L2-normalised CLIP ViT-L/14 image embedding (the predictor classes
+normalise inside ``forward``; an unnormalised embedding gives scores above 10). v1 is one
+``Linear(768, 1)``; v2 "sac+logos+ava1-l14-linearMSE" is five Linear layers. The prompt is not
+used. The embedding can come from another scorer with the same ``vision_digest``
+(``score_from_embeddings``), which gives the same numbers as scoring the images directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from flexyface_pipeline.lib.metrics.base import ImageEmbedder, Scorer, hf_call, hf_identity
+from flexyface_pipeline.lib.metrics.clip_score import pixel_values, vision_tower_digest
+from flexyface_pipeline.lib.models.common import ModelIdentity, Runtime
+
+if TYPE_CHECKING:
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+logger = logging.getLogger(__name__)
+
+
+class _AestheticScorer(Scorer, ImageEmbedder):
+    """Shared loading and scoring of the two predictor classes."""
+
+    predictor_class: ClassVar[str]  # attribute name in ``aesthetics_predictor``
+    head_attribute: ClassVar[str]  # the predictor's head module on top of the embedding
+    bounds: ClassVar[tuple[float | None, float | None]] = (None, None)
+
+    def __init__(self, model: CLIPVisionModelWithProjection, image_processor: CLIPImageProcessor,
+                 identity: ModelIdentity, runtime: Runtime) -> None:
+        super().__init__(identity, runtime)
+        self.model = model
+        self.image_processor = image_processor
+
+    @classmethod
+    def load(cls, location: str, runtime: Runtime, *, offline: bool) -> _AestheticScorer:
+        location = cls.check(location)
+        import aesthetics_predictor
+        from transformers import CLIPImageProcessor
+
+        predictor = getattr(aesthetics_predictor, cls.predictor_class)
+        logger.info("loading %s from %s on %s (%s)", cls.title, location, runtime.device, runtime.dtype)
+        model = hf_call(cls.title, location, cls.setting, lambda: predictor.from_pretrained(
+            location, dtype=runtime.dtype, local_files_only=offline))
+        # The image half of the repository's CLIPProcessor: the prompt is not used.
+        image_processor = hf_call(cls.title, location, cls.setting, lambda: CLIPImageProcessor.from_pretrained(
+            location, local_files_only=offline))
+        model.to(runtime.device).eval()
+        return cls(model, image_processor, hf_identity(location), runtime)
+
+    @cached_property
+    def vision_digest(self) -> str:
+        return vision_tower_digest(self.model, self.image_processor)
+
+    def image_embeddings(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
+        # What CLIPVisionModelWithProjection.forward computes as ``image_embeds``.
+        with torch.inference_mode():
+            pixels = pixel_values(self.image_processor, images, self.runtime)
+            pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+            return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+
+    def _head(self, embeddings: torch.Tensor) -> torch.Tensor:
+        head = getattr(self.model, self.head_attribute)
+        return head(embeddings.to(self.runtime.device, self.runtime.dtype))[:, 0]
+
+    def score_from_embeddings(self, embeddings: torch.Tensor) -> np.ndarray:
+        """Scores from L2-normalised image embeddings (``image_embeddings`` of a scorer with an
+        equal ``vision_digest``)."""
+        if self._closed:
+            raise RuntimeError(f"{self.title} scorer was closed")
+        if embeddings.ndim != 2:
+            raise ValueError(f"embeddings: expected a 2-D tensor (images x dims), got shape {tuple(embeddings.shape)}")
+        with torch.inference_mode():
+            return self._head(embeddings).to("cpu", torch.float64).numpy()
+
+    def _score(self, images: list[PIL.Image.Image], prompts: list[str]) -> torch.Tensor:
+        return self._head(self.image_embeddings(images))
+
+    def _release(self) -> None:
+        del self.model, self.image_processor
+
+
+class AestheticV1Scorer(_AestheticScorer):
+    """LAION aesthetic predictor v1 (``sa_0_4_vit_l_14_linear``), roughly 1-10."""
+
+    metric: ClassVar[str] = "aesthetic_score"
+    column_prefix: ClassVar[str] = "aesthetic_v1"
+    default_model: ClassVar[str] = "shunk031/aesthetics-predictor-v1-vit-large-patch14"
+    setting: ClassVar[str] = "FLEXYFACE_AESTHETIC_V1_MODEL"
+    title: ClassVar[str] = "LAION aesthetic predictor v1"
+    predictor_class: ClassVar[str] = "AestheticsPredictorV1"
+    head_attribute: ClassVar[str] = "predictor"
+
+    @classmethod
+    def build_tiny(cls, directory: Path) -> None:
+        from flexyface_pipeline.lib.models.scorer_builders import build_tiny_aesthetic
+
+        build_tiny_aesthetic(directory, cls.predictor_class)
+
+    @classmethod
+    def build_random_full(cls, directory: Path) -> None:
+        from flexyface_pipeline.lib.models.scorer_builders import build_random_full_aesthetic
+
+        build_random_full_aesthetic(directory, cls.predictor_class)
+
+
+class AestheticV2Scorer(_AestheticScorer):
+    """Improved aesthetic predictor v2, "sac+logos+ava1-l14-linearMSE" head, roughly 1-10."""
+
+    metric: ClassVar[str] = "aes_v2_score"
+    column_prefix: ClassVar[str] = "aesthetic_v2"
+    default_model: ClassVar[str] = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
+    setting: ClassVar[str] = "FLEXYFACE_AESTHETIC_V2_MODEL"
+    title: ClassVar[str] = "improved aesthetic predictor v2 (linearMSE)"
+    predictor_class: ClassVar[str] = "AestheticsPredictorV2Linear"
+    head_attribute: ClassVar[str] = "layers"
+
+    @classmethod
+    def build_tiny(cls, directory: Path) -> None:
+        from flexyface_pipeline.lib.models.scorer_builders import build_tiny_aesthetic
+
+        build_tiny_aesthetic(directory, cls.predictor_class)
+
+    @classmethod
+    def build_random_full(cls, directory: Path) -> None:
+        from flexyface_pipeline.lib.models.scorer_builders import build_random_full_aesthetic
+
+        build_random_full_aesthetic(directory, cls.predictor_class)

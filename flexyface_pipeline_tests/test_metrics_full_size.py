@@ -1,0 +1,81 @@
+"""Full-size metric architectures with random weights, written in the real file formats and
+loaded back through the scorers' ``load`` (CLIP ViT-L/14 three times, hpsv2's ViT-H-14)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from flexyface_pipeline.lib.metrics import AestheticV1Scorer, AestheticV2Scorer, ClipScorer, HpsV2Scorer
+from flexyface_pipeline.lib.models.common import free_memory, resolve_runtime
+
+pytestmark = pytest.mark.slow
+logger = logging.getLogger(__name__)
+
+CPU = resolve_runtime("cpu", "fp32")
+PROMPT = "a portrait of a woman in a garden, golden hour"
+
+
+def _image() -> PIL.Image.Image:
+    y, x = np.mgrid[0:512, 0:384]
+    return PIL.Image.fromarray(np.stack([x * 255 // 384, y * 255 // 512, (x + y) % 256], -1).astype(np.uint8))
+
+
+def test_full_size_clip_l14_scorers(tmp_path) -> None:
+    image = _image()
+    scorers = {}
+    try:
+        for cls in (ClipScorer, AestheticV1Scorer, AestheticV2Scorer):
+            cls.build_random_full(tmp_path / cls.metric)
+            assert (tmp_path / cls.metric / "model.safetensors").stat().st_size > 1e9
+            scorer = cls.load(str(tmp_path / cls.metric), CPU, offline=True)
+            vision = scorer.model.config.vision_config if cls is ClipScorer else scorer.model.config
+            assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.image_size,
+                    vision.projection_dim) == (1024, 24, 14, 224, 768)
+            start = time.perf_counter()
+            value = scorer.score([image], [PROMPT])
+            logger.info("%s: one 512x384 image in %.2f s", cls.metric, time.perf_counter() - start)
+            assert value.shape == (1,) and np.isfinite(value).all()
+            scorers[cls.metric] = (scorer, value)
+
+        clip = scorers["clip_score"][0]
+        assert 0.0 <= scorers["clip_score"][1][0] <= 1.0
+        assert clip.model.config.text_config.hidden_size == 768
+        # The shared image tower: one embedding serves both aesthetic heads, same numbers.
+        embedding = clip.image_embeddings([image])
+        for metric in ("aesthetic_score", "aes_v2_score"):
+            scorer, value = scorers[metric]
+            assert scorer.vision_digest == clip.vision_digest
+            np.testing.assert_allclose(scorer.score_from_embeddings(embedding), value, atol=1e-5, rtol=0)
+    finally:
+        for scorer, _ in scorers.values():
+            scorer.close()
+        free_memory()
+
+
+def test_full_size_hps_vit_h14(tmp_path) -> None:
+    HpsV2Scorer.build_random_full(tmp_path / "hps")
+    info = json.loads((tmp_path / "hps" / "hps_model.json").read_text())
+    assert info == {"architecture": "ViT-H-14", "checkpoint": "HPS_v2.1_compressed.pt"}
+    checkpoint = torch.load(tmp_path / "hps" / "HPS_v2.1_compressed.pt", map_location="cpu", mmap=True)
+    assert set(checkpoint) == {"state_dict"}
+    assert checkpoint["state_dict"]["visual.proj"].dtype == torch.float16
+    del checkpoint
+
+    scorer = HpsV2Scorer.load(str(tmp_path / "hps"), CPU, offline=True)
+    try:
+        assert scorer.architecture == "ViT-H-14"
+        assert sum(p.numel() for p in scorer.model.parameters()) > 980_000_000
+        assert tuple(scorer.model.visual.proj.shape) == (1280, 1024)
+        start = time.perf_counter()
+        value = scorer.score([_image()], [PROMPT])
+        logger.info("hps_v2_score: one 512x384 image in %.2f s", time.perf_counter() - start)
+        assert value.shape == (1,) and np.isfinite(value).all() and abs(value[0]) <= 1.0
+    finally:
+        scorer.close()
