@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from flexyface_pipeline.lib.config import METRICS
-from flexyface_pipeline.lib.export import EXPORT_COLUMNS, SCORE_TABLES, finalize, merge_sweep, write_export
+from flexyface_pipeline.lib.export import EXPORT_COLUMNS, SCORE_TABLES, finalize, merge_tables, write_export
 
 
 def _sweep(name: str, n: int, rng: np.random.Generator, scored: set[str]):
@@ -44,8 +44,8 @@ def _sweep(name: str, n: int, rng: np.random.Generator, scored: set[str]):
 
 def test_export_schema_order_and_filtering(tmp_path):
     rng = np.random.default_rng(0)
-    full = merge_sweep(*_sweep("a", 30, rng, set(METRICS)))
-    partial = merge_sweep(*_sweep("b", 20, rng, {"clip_score", "hps_v2_score"}))
+    full = merge_tables(*_sweep("a", 30, rng, set(METRICS)))
+    partial = merge_tables(*_sweep("b", 20, rng, {"clip_score", "hps_v2_score"}))
     # one row of sweep a loses a score: it must be left out
     full.loc[3, "aes_v2_score"] = np.nan
     df = finalize([full, partial])
@@ -72,7 +72,7 @@ def test_merge_refuses_duplicate_rows():
     params, images, scores = _sweep("a", 5, rng, {"clip_score"})
     scores["clip_score"] = pd.concat([scores["clip_score"], scores["clip_score"].iloc[:1]])
     with pytest.raises(pd.errors.MergeError):
-        merge_sweep(params, images, scores)
+        merge_tables(params, images, scores)
 
 
 def test_empty_export_has_the_columns():

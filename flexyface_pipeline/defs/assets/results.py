@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from flexyface_pipeline.lib.export import SCORE_TABLES, finalize, merge_sweep, write_export
+import pandas as pd
+
+from flexyface_pipeline.lib.export import SCORE_TABLES, finalize, merge_tables, write_export
 from flexyface_pipeline.defs.assets.scores import score_assets
 from flexyface_pipeline.defs.assets.sweep import generated_images, sweep_parameters
 from flexyface_pipeline.defs.partitions import sweeps_partitions
@@ -21,21 +23,26 @@ from flexyface_pipeline.defs.resources import StorageResource
 )
 def sweep_results(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     store = storage.store()
-    frames, incomplete = [], {}
+    parameters, images, incomplete = [], [], {}
+    scores: dict[str, list[pd.DataFrame]] = {metric: [] for metric in SCORE_TABLES}
     for sweep in sorted(context.instance.get_dynamic_partitions(sweeps_partitions.name)):
         if not store.has_table("parameters", sweep) or not store.has_table("images", sweep):
             incomplete[sweep] = "not generated"
             continue
-        scores = {
-            metric: store.read_table(table, sweep)
-            for metric, (table, _) in SCORE_TABLES.items()
-            if store.has_table(table, sweep)
-        }
-        missing = [m for m in SCORE_TABLES if m not in scores]
+        missing = [m for m, (table, _) in SCORE_TABLES.items() if not store.has_table(table, sweep)]
         if missing:
             incomplete[sweep] = "missing " + ", ".join(missing)
-        frames.append(merge_sweep(store.read_table("parameters", sweep), store.read_table("images", sweep), scores))
-    df = finalize(frames)
+            continue  # rows without all four scores are not exported
+        parameters.append(store.read_table("parameters", sweep))
+        images.append(store.read_table("images", sweep))
+        for metric, (table, _) in SCORE_TABLES.items():
+            scores[metric].append(store.read_table(table, sweep))
+    if parameters:
+        merged = [merge_tables(pd.concat(parameters, ignore_index=True), pd.concat(images, ignore_index=True),
+                               {m: pd.concat(t, ignore_index=True) for m, t in scores.items()})]
+    else:
+        merged = []
+    df = finalize(merged)
     parquet, csv = write_export(df, store.exports_dir)
     for sweep, why in incomplete.items():
         context.log.warning("sweep %s is not complete (%s): its unscored rows are left out", sweep, why)
