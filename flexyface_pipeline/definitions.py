@@ -1,14 +1,20 @@
 """The Dagster code location: assembles assets, jobs, resources and schedules."""
 
+import warnings
+
 import dagster as dg
 
-from flexyface_pipeline.defs.assets.results import sweep_results
-from flexyface_pipeline.defs.assets.scores import score_assets
-from flexyface_pipeline.defs.checks import export_checks
-from flexyface_pipeline.defs.assets.sweep import generated_images, sweep_parameters
-from flexyface_pipeline.defs.jobs import export_job, sweep_job
-from flexyface_pipeline.defs.resources import ModelResource, StorageResource
-from flexyface_pipeline.defs.schedules import export_after_sweep, nightly_sweep_schedule
+# backfill_policy is marked beta in Dagster 1.13; it is what keeps one model load per backfill.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    from flexyface_pipeline.defs.assets.analysis import image_grid, sweep_analysis
+    from flexyface_pipeline.defs.assets.results import sweep_results
+    from flexyface_pipeline.defs.assets.scores import score_assets
+    from flexyface_pipeline.defs.checks import export_checks
+    from flexyface_pipeline.defs.assets.sweep import generated_images, sweep_parameters
+    from flexyface_pipeline.defs.jobs import export_job, sweep_job
+    from flexyface_pipeline.defs.resources import ModelResource, StorageResource
+    from flexyface_pipeline.defs.schedules import export_after_sweep, nightly_sweep_schedule
 
 
 def env_resources() -> dict[str, dg.ConfigurableResource]:
@@ -30,7 +36,7 @@ def env_resources() -> dict[str, dg.ConfigurableResource]:
 
 def build_definitions(resources: dict[str, dg.ConfigurableResource]) -> dg.Definitions:
     return dg.Definitions(
-        assets=[sweep_parameters, generated_images, *score_assets, sweep_results],
+        assets=[sweep_parameters, generated_images, *score_assets, sweep_results, sweep_analysis, image_grid],
         asset_checks=[export_checks],
         jobs=[sweep_job, export_job],
         schedules=[nightly_sweep_schedule],

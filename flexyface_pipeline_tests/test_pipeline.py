@@ -27,6 +27,8 @@ ASSET_KEYS = {
     "aes_v2_scores",
     "hps_v2_scores",
     "sweep_results",
+    "sweep_analysis",
+    "image_grid",
 }
 
 
@@ -52,6 +54,10 @@ def test_whole_graph_materializes_and_exports(data_dir, tiny_models_dir, dagster
         assert export.success
         mats = instance.fetch_materializations(dg.AssetKey("hps_v2_scores"), limit=10).records
         assert [m.partition_key for m in mats] == ["e2e"]
+        checks = {e.check_name: e.passed for e in export.get_asset_check_evaluations()}
+        assert checks["export_clip_score"] and checks["export_images_exist"] and checks["export_hps_v2_score"]
+        run_checks = [(e.asset_key.to_user_string(), e.check_name, e.passed) for e in result.get_asset_check_evaluations()]
+        assert len(run_checks) == 5 and all(passed for _, _, passed in run_checks), run_checks
 
     df = pd.read_parquet(data_dir / "exports" / "sweep_results.parquet")
     csv = pd.read_csv(data_dir / "exports" / "sweep_results.csv")
@@ -71,6 +77,15 @@ def test_whole_graph_materializes_and_exports(data_dir, tiny_models_dir, dagster
         record = read_png_record(path)
         assert record["seed"] == row.seed and record["steps"] == row.steps
     assert df["hps_v2_model_revision"].str.startswith("sha256:").all()
+    # analysis and contact sheets: 8 images are too few to recommend anything, and the report says so
+    import json
+
+    recommendations = json.loads((data_dir / "exports" / "recommendations.json").read_text())
+    assert (data_dir / "exports" / "sweep_report.html").stat().st_size > 10_000
+    assert recommendations["metrics"]["clip_score"]["min_steps"] is None
+    assert "insufficient" in recommendations["metrics"]["clip_score"]["min_steps_reason"].lower()
+    sheets = sorted((data_dir / "exports" / "grids" / "e2e").glob("*.png"))
+    assert len(sheets) == 4  # one per prompt
 
 
 def test_rescoring_one_metric_touches_only_its_table(data_dir, tiny_models_dir, dagster_home):

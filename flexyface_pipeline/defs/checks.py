@@ -1,6 +1,5 @@
 """Asset checks on the merged export (score-table checks run inside their assets)."""
 
-from __future__ import annotations
 
 import dagster as dg
 import pandas as pd

@@ -1,17 +1,16 @@
 import dagster as dg
 
+from flexyface_pipeline.defs.assets.analysis import image_grid
 from flexyface_pipeline.defs.assets.results import sweep_results
 from flexyface_pipeline.defs.assets.scores import score_assets
 from flexyface_pipeline.defs.assets.sweep import generated_images, sweep_parameters
-from flexyface_pipeline.defs.partitions import sweeps_partitions
 
-sweep_selection = dg.AssetSelection.assets(sweep_parameters, generated_images, *score_assets)
+sweep_selection = dg.AssetSelection.assets(sweep_parameters, generated_images, *score_assets, image_grid)
 
 # Sample, generate and score one sweep (one partition).
 sweep_job = dg.define_asset_job(
     "sweep_job",
     selection=sweep_selection,
-    partitions_def=sweeps_partitions,
     description="Sample, generate and score one sweep.",
 )
 

@@ -1,6 +1,5 @@
 """Resources: where data lives, and the one model slot that GPU assets share."""
 
-from __future__ import annotations
 
 import logging
 import shutil

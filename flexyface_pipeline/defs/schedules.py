@@ -1,6 +1,5 @@
 """Scheduled sweeps, and the sensor that refreshes the export after sweeps finish."""
 
-from __future__ import annotations
 
 import dagster as dg
 

@@ -1,6 +1,5 @@
 """``sweep_results``: every sweep's rows with all four scores, as Parquet and CSV."""
 
-from __future__ import annotations
 
 import dagster as dg
 

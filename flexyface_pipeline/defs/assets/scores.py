@@ -1,6 +1,5 @@
 """One score table per metric. Each can be materialized alone (re-scoring one metric)."""
 
-from __future__ import annotations
 
 import time
 

@@ -1,6 +1,5 @@
 """``sweep_parameters`` → ``generated_images``: what to generate, then the images."""
 
-from __future__ import annotations
 
 import dagster as dg
 import pandas as pd

@@ -1,0 +1,110 @@
+"""``sweep_analysis`` (which settings are worth it) and ``image_grid`` (steps × guidance sheets)."""
+
+import base64
+import io
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from flexyface_pipeline.lib.config import METRICS, validate_metrics
+from flexyface_pipeline.lib.export import SCORE_TABLES, merge_tables
+from flexyface_pipeline.defs.assets.results import sweep_results
+from flexyface_pipeline.defs.assets.scores import score_assets
+from flexyface_pipeline.defs.assets.sweep import generated_images
+from flexyface_pipeline.defs.partitions import sweeps_partitions
+from flexyface_pipeline.defs.resources import StorageResource
+
+
+class AnalysisConfig(dg.Config):
+    """Which rows of the export to analyse (empty lists: all)."""
+
+    sweeps: list[str] = Field(default=[], description="Only these sweeps.")
+    engines: list[str] = Field(default=[], description="Only these engines.")
+    metrics: list[str] = Field(default=list(METRICS), description="Metrics to analyse.")
+    bootstrap: int = Field(default=1000, description="Bootstrap resamples for confidence intervals.")
+    seed: int = Field(default=0, description="Seed of the bootstrap.")
+
+
+def select_rows(df: pd.DataFrame, config: AnalysisConfig) -> pd.DataFrame:
+    for column, wanted in (("sweep", config.sweeps), ("engine", config.engines)):
+        if wanted:
+            unknown = sorted(set(wanted) - set(df[column]))
+            if unknown:
+                raise ValueError(f"{column}s: {unknown} not in the export (has {sorted(df[column].unique())})")
+            df = df[df[column].isin(wanted)]
+    return df.reset_index(drop=True)
+
+
+@dg.asset(
+    deps=[sweep_results],
+    group_name="results",
+    kinds={"pandas", "html", "json"},
+    description="Effects of steps and guidance on each metric (bootstrap CIs, LOWESS), per-prompt z-scores, metric "
+    "correlations, quality vs time with its Pareto front, and recommended settings with their evidence. Writes "
+    "data/exports/sweep_report.html and recommendations.json.",
+)
+def sweep_analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, storage: StorageResource) -> dg.MaterializeResult:
+    from flexyface_pipeline.lib.analysis import analysis_markdown, analyze, key_numbers, write_report
+
+    metrics = validate_metrics(config.metrics)
+    store = storage.store()
+    df = select_rows(pd.read_parquet(store.exports_dir / "sweep_results.parquet"), config)
+    analysis = analyze(df, metrics=metrics, bootstrap=config.bootstrap, seed=config.seed)
+    report, recommendations = write_report(analysis, df, store.exports_dir)
+    for note in getattr(analysis, "notes", []) or []:
+        context.log.info(note)
+    numbers = {k: v for k, v in key_numbers(analysis).items()}
+    metadata: dict = {
+        "num_rows": dg.MetadataValue.int(len(df)),
+        "report": dg.MetadataValue.path(str(report)),
+        "recommendations": dg.MetadataValue.path(str(recommendations)),
+        "summary": dg.MetadataValue.md(analysis_markdown(analysis)),
+    }
+    for key, value in numbers.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int):
+            metadata[key] = dg.MetadataValue.int(value)
+        elif isinstance(value, float):
+            metadata[key] = dg.MetadataValue.float(value)
+        else:
+            metadata[key] = dg.MetadataValue.text(str(value))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _png_markdown(path, width: int = 900) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" width="{width}"/>'
+
+
+@dg.asset(
+    partitions_def=sweeps_partitions,
+    deps=[generated_images, *score_assets],
+    group_name="results",
+    kinds={"png"},
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    description="Steps × guidance contact sheets per prompt (one representative image per cell, labelled with its "
+    "settings and scores), under data/exports/grids/<sweep>/.",
+)
+def image_grid(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    from flexyface_pipeline.lib.grid import write_grids
+
+    store = storage.store()
+    written = []
+    for sweep in context.partition_keys:
+        scores = {m: store.read_table(t, sweep) for m, (t, _) in SCORE_TABLES.items() if store.has_table(t, sweep)}
+        rows = merge_tables(store.read_table("parameters", sweep), store.read_table("images", sweep), scores)
+        rows["image_path"] = [str(store.absolute(p)) for p in rows["image_path"]]
+        out_dir = store.exports_dir / "grids" / sweep
+        for old in out_dir.glob("*.png"):
+            old.unlink()
+        written += write_grids(rows, out_dir)
+    preview = "\n\n".join(_png_markdown(p) for p in written[:2])
+    return dg.MaterializeResult(
+        metadata={
+            "sheets": dg.MetadataValue.int(len(written)),
+            "directory": dg.MetadataValue.path(str(store.exports_dir / "grids")),
+            "preview": dg.MetadataValue.md(preview or "no sheet"),
+        }
+    )
