@@ -1,15 +1,12 @@
 """One score table per metric. Each can be materialized alone (re-scoring one metric)."""
 
 
-import time
-
 import dagster as dg
-import numpy as np
 import pandas as pd
 
 from flexyface_pipeline.lib.checks import check_scores
 from flexyface_pipeline.lib.export import SCORE_TABLES
-from flexyface_pipeline.lib.metrics.images import score_paths
+from flexyface_pipeline.lib.scoring import score_sweep
 from flexyface_pipeline.defs.assets.sweep import generated_images
 from flexyface_pipeline.defs.partitions import sweeps_partitions
 from flexyface_pipeline.defs.resources import ModelResource, StorageResource
@@ -20,30 +17,6 @@ DESCRIPTIONS = {
     "aes_v2_score": "Aesthetics predictor v2, sac+logos+ava1 linear MSE head (simple-aesthetics-predictor).",
     "hps_v2_score": "Human Preference Score v2.1 (hpsv2's ViT-H-14 with the v2.1 checkpoint).",
 }
-
-
-def score_sweep(metric: str, sweep: str, storage: StorageResource, models: ModelResource,
-                log) -> pd.DataFrame:
-    """Score every image of ``sweep`` with ``metric`` and return its score table."""
-    store = storage.store()
-    params = store.read_table("parameters", sweep)
-    images = store.read_table("images", sweep)
-    rows = params[["image_id", "prompt"]].merge(images[["image_id", "image_path"]], on="image_id", validate="one_to_one")
-    paths = [store.absolute(p) for p in rows["image_path"]]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"sweep {sweep!r}: {len(missing)} image(s) missing, e.g. {missing[0]}; materialize generated_images first"
-        )
-    scorer = models.scorer(metric)
-    t0 = time.perf_counter()
-    scores = score_paths(scorer, paths, list(rows["prompt"]), batch_size=models.scoring_batch_size, log=log)
-    log.info("%s: scored %d images of %s in %.2f s", metric, len(paths), sweep, time.perf_counter() - t0)
-    prefix = SCORE_TABLES[metric][1]
-    table = pd.DataFrame({"image_id": rows["image_id"], metric: np.asarray(scores, dtype=np.float64)})
-    for column, value in scorer.identity.as_columns(prefix).items():
-        table[column] = value
-    return table
 
 
 def build_score_asset(metric: str) -> dg.AssetsDefinition:
@@ -66,7 +39,8 @@ def build_score_asset(metric: str) -> dg.AssetsDefinition:
         tables, outcomes = [], []
         try:
             for sweep in context.partition_keys:
-                table = score_sweep(metric, sweep, storage, models, context.log)
+                table = score_sweep(metric, sweep, store, lambda: models.scorer(metric),
+                                    batch_size=models.scoring_batch_size, log=context.log)
                 store.write_table(table_name, sweep, table)
                 tables.append(table)
                 outcomes.append(check_scores(table, metric, len(store.read_table("parameters", sweep))))
