@@ -1,0 +1,374 @@
+"""Instance configuration (dagster.yaml, deploy/dagster-postgres.yaml) and deployment files."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import tomllib
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+from dagster._config import process_config
+from dagster._core.instance import InstanceRef
+from dagster._core.instance.config import PoolGranularity
+from dagster._core.run_coordinator import QueuedRunCoordinator
+from dagster._core.storage.event_log import SqliteEventLogStorage
+from dagster._core.storage.runs import SqliteRunStorage
+from dagster._core.storage.schedules import SqliteScheduleStorage
+from dagster_postgres import DagsterPostgresStorage
+from dagster_postgres.event_log import PostgresEventLogStorage
+from dagster_postgres.run_storage import PostgresRunStorage
+from dagster_postgres.schedule_storage import PostgresScheduleStorage
+from dagster_postgres.utils import pg_url_from_config
+from dotenv import dotenv_values
+from sqlalchemy.engine import make_url
+
+from flexyface_pipeline_tests.pg import (
+    POSTGRES_INSTANCE_YAML,
+    environ,
+    open_instance,
+    postgres_dagster_home,
+    require_postgres,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SQLITE_INSTANCE_YAML = REPO / "dagster.yaml"
+SHARED_SECTIONS = ("telemetry", "run_queue", "concurrency")
+
+
+def _home_linked_to(home: Path, config: Path) -> Path:
+    """A DAGSTER_HOME laid out as `make` does it: dagster.yaml is a link to a file in the repository."""
+    home.mkdir(parents=True)
+    (home / "dagster.yaml").symlink_to(config)
+    return home
+
+
+def _assert_gpu_pool_limited_to_one(instance: dg.DagsterInstance) -> None:
+    concurrency = instance.get_concurrency_config()
+    assert concurrency.pool_config.pool_granularity == PoolGranularity.RUN
+    assert concurrency.pool_config.default_pool_limit == 1
+    assert concurrency.run_queue_config is not None
+    assert concurrency.run_queue_config.max_concurrent_runs == 4
+    assert concurrency.run_queue_config.should_block_op_concurrency_limited_runs
+    assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+
+    storage = instance.event_log_storage
+    assert storage.supports_global_concurrency_limits
+    assert "gpu" not in storage.get_concurrency_keys()
+    # What the run queue does the first time it sees a run that uses the pool.
+    assert storage.initialize_concurrency_limit_to_default("gpu")
+    info = storage.get_concurrency_info("gpu")
+    assert (info.slot_count, info.limit, info.using_default_limit) == (1, 1, True)
+    # What `dagster instance concurrency set gpu 1` (run by make) stores.
+    storage.set_concurrency_slots("gpu", 1)
+    info = storage.get_concurrency_info("gpu")
+    assert (info.slot_count, info.using_default_limit) == (1, False)
+
+
+def test_sqlite_instance_from_repository_config(tmp_path):
+    home = _home_linked_to(tmp_path / "dagster", SQLITE_INSTANCE_YAML)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert isinstance(instance.run_storage, SqliteRunStorage)
+        assert isinstance(instance.event_log_storage, SqliteEventLogStorage)
+        assert isinstance(instance.schedule_storage, SqliteScheduleStorage)
+        assert instance.run_coordinator.dequeue_interval_seconds == 2
+        assert instance.telemetry_enabled is False
+        _assert_gpu_pool_limited_to_one(instance)
+        assert Path(instance.root_directory) == home
+    # Storage lands under DAGSTER_HOME, nowhere else.
+    assert (home / "history" / "runs.db").is_file()
+    assert (home / "schedules" / "schedules.db").is_file()
+
+
+def test_postgres_config_resolves_connection_from_environment(tmp_path):
+    home = _home_linked_to(tmp_path / "dagster", POSTGRES_INSTANCE_YAML)
+    settings = {
+        "FLEXYFACE_PG_HOST": "db.example.internal",
+        "FLEXYFACE_PG_PORT": "6543",
+        "FLEXYFACE_PG_USER": "flexy face",
+        "FLEXYFACE_PG_PASSWORD": "p@ss/word",
+        "FLEXYFACE_PG_DB": "sweeps",
+    }
+    with environ(settings):
+        ref = InstanceRef.from_dir(str(home))
+        storage_config = process_config(
+            DagsterPostgresStorage.config_type(), yaml.safe_load(ref.storage_data.config_yaml)
+        )
+    assert storage_config.success, storage_config.errors
+    url = make_url(pg_url_from_config(storage_config.value))
+    assert (url.drivername, url.username, url.password, url.host, url.port, url.database) == (
+        "postgresql+psycopg2", "flexy face", "p@ss/word", "db.example.internal", 6543, "sweeps",
+    )
+    assert (ref.storage_data.module_name, ref.storage_data.class_name) == (
+        "dagster_postgres", "DagsterPostgresStorage",
+    )
+    assert ref.run_storage_data.class_name == "PostgresRunStorage"
+    assert ref.event_storage_data.class_name == "PostgresEventLogStorage"
+    assert ref.schedule_storage_data.class_name == "PostgresScheduleStorage"
+    assert ref.run_coordinator_data.class_name == "QueuedRunCoordinator"
+    assert ref.settings["telemetry"] == {"enabled": False}
+    assert ref.settings["concurrency"]["pools"] == {"granularity": "run", "default_limit": 1}
+    # No value of the connection settings is written in the file.
+    connection = yaml.safe_load(POSTGRES_INSTANCE_YAML.read_text())["storage"]["postgres"]["postgres_db"]
+    for key in ("hostname", "port", "username", "password", "db_name"):
+        assert connection[key].keys() == {"env"}
+
+
+def test_postgres_config_without_its_variables_is_refused(tmp_path, monkeypatch):
+    home = _home_linked_to(tmp_path / "dagster", POSTGRES_INSTANCE_YAML)
+    for name in ("FLEXYFACE_PG_HOST", "FLEXYFACE_PG_PORT", "FLEXYFACE_PG_USER", "FLEXYFACE_PG_PASSWORD", "FLEXYFACE_PG_DB"):
+        monkeypatch.delenv(name, raising=False)
+    ref = InstanceRef.from_dir(str(home))
+    result = process_config(DagsterPostgresStorage.config_type(), yaml.safe_load(ref.storage_data.config_yaml))
+    assert not result.success
+    assert "FLEXYFACE_PG_HOST" in " ".join(error.message for error in result.errors)
+
+
+def test_sqlite_and_postgres_configs_share_queue_and_pool_settings():
+    sqlite = yaml.safe_load(SQLITE_INSTANCE_YAML.read_text())
+    postgres = yaml.safe_load(POSTGRES_INSTANCE_YAML.read_text())
+    assert "storage" not in sqlite  # DAGSTER_HOME decides where SQLite storage goes
+    assert {key: sqlite[key] for key in SHARED_SECTIONS} == {key: postgres[key] for key in SHARED_SECTIONS}
+    assert set(sqlite) == set(SHARED_SECTIONS)
+    assert set(postgres) == {*SHARED_SECTIONS, "storage"}
+
+
+@pytest.mark.postgres
+def test_postgres_instance_round_trip(tmp_path):
+    settings = require_postgres()
+    sweeps = dg.DynamicPartitionsDefinition(name="sweeps")
+
+    @dg.asset(partitions_def=sweeps)
+    def image_count(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"sweep": context.partition_key, "images": 12})
+
+    with postgres_dagster_home(tmp_path / "dagster", settings) as home:
+        dbname = os.environ["FLEXYFACE_PG_DB"]
+        with open_instance(home) as instance:
+            assert isinstance(instance.run_storage, PostgresRunStorage)
+            assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
+            assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
+            _assert_gpu_pool_limited_to_one(instance)
+            instance.add_dynamic_partitions("sweeps", ["sweep-a", "sweep-b"])
+            result = dg.materialize([image_count], instance=instance, partition_key="sweep-b")
+            assert result.success
+            run_id = result.run_id
+
+        # A new instance object on the same database sees everything.
+        with open_instance(home) as reopened:
+            run = reopened.get_run_by_id(run_id)
+            assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS
+            assert reopened.get_dynamic_partitions("sweeps") == ["sweep-a", "sweep-b"]
+            event = reopened.get_latest_materialization_event(dg.AssetKey("image_count"))
+            assert event is not None and event.run_id == run_id
+            materialization = event.asset_materialization
+            assert materialization.partition == "sweep-b"
+            assert materialization.metadata["images"].value == 12
+            assert reopened.get_materialized_partitions(dg.AssetKey("image_count")) == {"sweep-b"}
+            assert reopened.event_log_storage.get_concurrency_info("gpu").slot_count == 1
+
+        # The rows are in PostgreSQL, not in a file under DAGSTER_HOME.
+        with settings.connect(dbname) as conn, conn.cursor() as cur:
+            cur.execute("SELECT run_id, status FROM runs")
+            assert cur.fetchall() == [(run_id, "SUCCESS")]
+            cur.execute("SELECT partition FROM dynamic_partitions WHERE partitions_def_name = 'sweeps' ORDER BY id")
+            assert [row[0] for row in cur.fetchall()] == ["sweep-a", "sweep-b"]
+        conn.close()
+        assert not list(home.rglob("*.db"))
+
+
+# -- The run queue keeps two runs from holding the gpu pool at once -------------------------------
+
+_POOL_MODULE = '''
+import json, os, time
+import dagster as dg
+
+LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "events.jsonl")
+
+
+def record(event, run_id):
+    with open(LOG, "a") as f:
+        f.write(json.dumps({"t": time.time(), "event": event, "run": run_id}) + "\\n")
+
+
+class Probe(dg.ConfigurableResource):
+    def setup_for_execution(self, context):
+        record("setup", context.run_id)
+
+
+@dg.asset
+def parameters(context: dg.AssetExecutionContext, probe: Probe):
+    record("parameters", context.run_id)
+
+
+@dg.asset(pool="gpu", deps=[parameters])
+def on_gpu(context: dg.AssetExecutionContext, probe: Probe):
+    record("gpu_start", context.run_id)
+    # Longer than a run process takes to start here, so a second run started alongside would
+    # set up its resources before this step ends.
+    time.sleep(6)
+    record("gpu_end", context.run_id)
+
+
+defs = dg.Definitions(
+    assets=[parameters, on_gpu],
+    jobs=[dg.define_asset_job("pool_job", selection="*")],
+    resources={"probe": Probe()},
+    executor=dg.in_process_executor,
+)
+'''
+
+
+def _dagster(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dagster", *args]
+
+
+def test_queued_runs_never_share_the_gpu_pool(tmp_path):
+    """Two runs queued together, dequeued by a real daemon: the second starts after the first ends."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "pool_defs.py").write_text(textwrap.dedent(_POOL_MODULE))
+    home = _home_linked_to(tmp_path / "dagster", SQLITE_INSTANCE_YAML)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(code)}
+    target = ["-m", "pool_defs", "-d", str(code)]
+    run = dict(env=env, cwd=code, capture_output=True, text=True, timeout=120)
+
+    # As `make` does: create the pool's limit before any run is queued.
+    subprocess.run(_dagster("instance", "concurrency", "set", "gpu", "1"), check=True, **run)
+    # Queue both runs before the daemon starts, so that its first pass sees both of them.
+    launches = [
+        subprocess.Popen(_dagster("job", "launch", *target, "-j", "pool_job"), env=env, cwd=code,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    for launch in launches:
+        output, _ = launch.communicate(timeout=120)
+        assert launch.returncode == 0, output
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        queued = instance.get_runs()
+        assert [r.status for r in queued] == [dg.DagsterRunStatus.QUEUED] * 2
+
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "dagster._daemon", "run", *target],
+        env=env, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        log = code / "events.jsonl"
+        events: list[dict] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+            if sum(event["event"] == "gpu_end" for event in events) == 2:
+                break
+            time.sleep(0.5)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+
+    by_run: dict[str, dict[str, float]] = {}
+    for event in events:
+        by_run.setdefault(event["run"], {})[event["event"]] = event["t"]
+    assert len(by_run) == 2 and all("gpu_end" in times for times in by_run.values()), events
+    first, second = sorted(by_run.values(), key=lambda times: times["setup"])
+    # The second run was held in the queue: it did not even set up its resources before the
+    # first run's GPU step ended.
+    assert second["setup"] >= first["gpu_end"], events
+    assert second["gpu_start"] >= first["gpu_end"]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        records = instance.get_run_records()
+        assert [r.dagster_run.status for r in records] == [dg.DagsterRunStatus.SUCCESS] * 2
+        assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots == []
+
+
+# -- Deployment files --------------------------------------------------------------------------
+
+def _compose_command() -> list[str] | None:
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+def test_docker_compose_file_is_valid(tmp_path):
+    compose = _compose_command()
+    if compose is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    env_file = tmp_path / "compose.env"
+    env_file.write_text("FLEXYFACE_PG_PASSWORD=not-a-real-password\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("FLEXYFACE_", "COMPOSE_"))}
+    base = [*compose, "--project-directory", str(REPO), "-f", str(REPO / "docker-compose.yml"), "--env-file", str(env_file)]
+    checked = subprocess.run([*base, "config", "-q"], env=env, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+
+    rendered = subprocess.run([*base, "config"], env=env, capture_output=True, text=True, timeout=60)
+    services = yaml.safe_load(rendered.stdout)["services"]
+    assert services["code-server"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    for name in ("code-server", "webserver", "daemon"):
+        assert services[name]["environment"]["FLEXYFACE_PG_PASSWORD"] == "not-a-real-password"
+        assert services[name]["environment"]["FLEXYFACE_PG_HOST"] == "postgres"
+
+    # Without a password compose refuses to render: no default secret is written anywhere.
+    env_file.write_text("FLEXYFACE_PG_USER=flexyface\n")
+    missing = subprocess.run([*base, "config", "-q"], env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0
+    assert "FLEXYFACE_PG_PASSWORD" in missing.stderr
+
+
+def test_docker_services_agree_on_the_code_server():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    workspace = yaml.safe_load((REPO / "deploy" / "workspace.docker.yaml").read_text())
+    (location,) = workspace["load_from"]
+    grpc = location["grpc_server"]
+    command = compose["services"]["code-server"]["command"]
+    assert grpc["host"] == "code-server"
+    assert command[command.index("--port") + 1] == str(grpc["port"])
+    assert command[command.index("--location-name") + 1] == grpc["location_name"] == "flexyface_pipeline"
+    assert command[command.index("--module-name") + 1] == "flexyface_pipeline.definitions"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "COPY deploy/dagster-postgres.yaml ${DAGSTER_HOME}/dagster.yaml" in dockerfile
+    assert "COPY deploy/workspace.docker.yaml /opt/flexyface/workspace.yaml" in dockerfile
+    for name in ("webserver", "daemon"):
+        assert "--workspace /opt/flexyface/workspace.yaml" in " ".join(compose["services"][name]["command"])
+    assert "dagster instance concurrency set gpu 1 && " in " ".join(compose["services"]["daemon"]["command"])
+
+
+def test_local_workspace_matches_pyproject():
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["dagster"]
+    (location,) = yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"]
+    module = location["python_module"]
+    assert module["module_name"] == tool["module_name"]
+    assert module["location_name"] == tool["code_location_name"]
+    assert module["working_directory"] == "."
+
+
+def test_env_example_documents_every_setting():
+    values = dotenv_values(REPO / ".env.example")
+    assert values["DAGSTER_HOME"] == "@@REPO@@/data/dagster"
+    assert values["FLEXYFACE_DATA_DIR"] == "@@REPO@@/data"
+    expected = {
+        "FLEXYFACE_MODEL_PROFILE", "FLEXYFACE_DEVICE", "FLEXYFACE_DTYPE", "FLEXYFACE_REALVIS_XL_MODEL",
+        "FLEXYFACE_CLIP_MODEL", "FLEXYFACE_AESTHETIC_V1_MODEL", "FLEXYFACE_AESTHETIC_V2_MODEL",
+        "FLEXYFACE_HPS_V2_MODEL", "FLEXYFACE_PG_HOST", "FLEXYFACE_PG_PORT", "FLEXYFACE_PG_USER",
+        "FLEXYFACE_PG_PASSWORD", "FLEXYFACE_PG_DB",
+    }
+    assert expected <= values.keys()
+    # Every ${VAR} that docker-compose.yml interpolates is documented here.
+    compose_text = (REPO / "docker-compose.yml").read_text()
+    interpolated = set(re.findall(r"\$\{([A-Z0-9_]+)", compose_text))
+    assert interpolated <= values.keys(), interpolated - values.keys()
+    # Every environment variable the code location reads (dg.EnvVar in its resources) is set here.
+    from flexyface_pipeline.definitions import env_resources
+
+    read = set()
+    for resource in env_resources().values():
+        for value in resource.__dict__.values():
+            if isinstance(value, dg.EnvVar):
+                read.add(value.env_var_name)
+    assert read and read <= values.keys(), read - values.keys()
