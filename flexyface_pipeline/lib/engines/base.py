@@ -1,0 +1,128 @@
+"""What every text-to-image engine offers: load weights, plan batches, generate, close.
+
+An engine is one model family behind one loading path. Real weights (a hub id or a local
+directory) and the random-weight test models of the same classes load through the same
+``load``; ``build_tiny`` / ``build_random_full`` write those test models.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import PIL.Image
+
+from flexyface_pipeline.lib.models.common import ModelIdentity, Runtime
+
+MAX_SEED = 2**63
+
+
+def _whole_number(name: str, value: object) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    return int(value)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to make. Everything that determines the image is here, so a row reproduces it."""
+
+    image_id: str
+    prompt: str
+    steps: int
+    guidance: float
+    seed: int
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        # Rows come from pandas: accept numpy scalars, store plain Python values.
+        if not isinstance(self.image_id, str) or not self.image_id:
+            raise ValueError(f"image_id: expected a non-empty string, got {self.image_id!r}")
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"{self.image_id}: prompt must be a string, got {type(self.prompt).__name__}")
+        steps = _whole_number(f"{self.image_id}: steps", self.steps)
+        if steps < 1:
+            raise ValueError(f"{self.image_id}: steps must be at least 1, got {steps}")
+        if isinstance(self.guidance, bool):
+            raise ValueError(f"{self.image_id}: guidance must be a number, got {self.guidance!r}")
+        guidance = float(self.guidance)
+        if not math.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"{self.image_id}: guidance must be a finite number >= 0, got {self.guidance!r}")
+        seed = _whole_number(f"{self.image_id}: seed", self.seed)
+        if not 0 <= seed < MAX_SEED:
+            raise ValueError(f"{self.image_id}: seed must be in [0, 2**63), got {seed}")
+        sizes = {}
+        for name in ("width", "height"):
+            value = _whole_number(f"{self.image_id}: {name}", getattr(self, name))
+            if value < 8 or value % 8:
+                raise ValueError(f"{self.image_id}: {name} must be a positive multiple of 8, got {value}")
+            sizes[name] = value
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "guidance", guidance)
+        object.__setattr__(self, "seed", seed)
+        object.__setattr__(self, "width", sizes["width"])
+        object.__setattr__(self, "height", sizes["height"])
+
+
+class Engine(abc.ABC):
+    """A loaded text-to-image model. Subclasses set the three class attributes and the methods."""
+
+    name: ClassVar[str]  # registry key, the value of the sweep's ``engine`` column
+    default_model: ClassVar[str]  # hub id of the weights used when nothing else is configured
+    setting: ClassVar[str]  # environment variable that points the engine at other weights
+
+    identity: ModelIdentity  # what produced the images: hub id or path, and revision
+    runtime: Runtime
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, location: str, runtime: Runtime, *, offline: bool, compile: bool = False) -> Engine:
+        """Load weights from a hub id or a local directory; raise MissingWeightsError if absent."""
+
+    @abc.abstractmethod
+    def generate(self, batch: Sequence[ImageRequest]) -> list[PIL.Image.Image]:
+        """Make the images of one batch (a group from ``plan_batches``), in order."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Drop the model and hand its memory back."""
+
+    @classmethod
+    @abc.abstractmethod
+    def build_tiny(cls, directory: Path) -> None:
+        """Write a tiny random-weight model that ``load`` accepts, for tests."""
+
+    @classmethod
+    @abc.abstractmethod
+    def build_random_full(cls, directory: Path) -> None:
+        """Write the full-size architecture with random weights, for timing and memory checks."""
+
+    @classmethod
+    def batch_key(cls, request: ImageRequest) -> Hashable:
+        """Requests with equal keys may share a batch. Engines widen this to what one call must share."""
+        return (request.steps, request.width, request.height)
+
+    @classmethod
+    def plan_batches(cls, requests: Sequence[ImageRequest], max_batch: int) -> list[list[ImageRequest]]:
+        """Group requests that may share a batch, in order of first appearance, in chunks of ``max_batch``.
+
+        A class method: a run can plan (and count) its batches before any weights load.
+        """
+        max_batch = _whole_number("max_batch", max_batch)
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        groups: dict[Hashable, list[ImageRequest]] = {}
+        for request in requests:
+            groups.setdefault(cls.batch_key(request), []).append(request)
+        return [group[i : i + max_batch] for group in groups.values() for i in range(0, len(group), max_batch)]
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,277 @@
+"""RealVisXL, a Stable Diffusion XL fine-tune, through diffusers' ``StableDiffusionXLPipeline``.
+
+Batches hold images of one step count, one size and one guidance mode, each image with its own
+prompt, seed and guidance scale:
+
+* one ``torch.Generator`` per image, seeded from its row, so an image does not depend on the batch
+  it ran in (up to the last bits of batched arithmetic);
+* per-image classifier-free guidance: diffusers combines the two noise predictions with a single
+  float; ``_GuidanceScales`` makes that combination use one scale per image with the same float32
+  arithmetic and rounding, so each image is what diffusers makes for it alone;
+* diffusers runs a scale <= 1 without classifier-free guidance (a single, text-conditioned UNet
+  pass), so such images never share a batch with guided ones (``batch_key``).
+
+diffusers is imported when a model loads: importing the engine registry stays cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from flexyface_pipeline.lib.engines.base import Engine, ImageRequest
+from flexyface_pipeline.lib.models.common import (
+    MissingWeightsError,
+    ModelIdentity,
+    Runtime,
+    check_location,
+    free_memory,
+    identify,
+    is_local,
+    missing_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def uses_cfg(guidance: float) -> bool:
+    """Whether diffusers' SDXL pipeline applies classifier-free guidance at this scale."""
+    return guidance > 1.0
+
+
+class _GuidanceScales:
+    """One classifier-free guidance scale per image, standing in for the pipeline's float scale.
+
+    The pipeline computes ``uncond + guidance_scale * (text - uncond)``. For a Python float, PyTorch
+    multiplies in float32 (the op-math type of float16/bfloat16 too) and rounds the product to the
+    prediction's dtype. This object does the same with a (B, 1, 1, 1) float32 tensor of scales, so
+    each image's guided prediction is bit-for-bit the one a single-image call computes.
+    """
+
+    def __init__(self, scales: torch.Tensor) -> None:
+        self.scales = scales
+
+    def __mul__(self, other: torch.Tensor) -> torch.Tensor:
+        return (self.scales.to(other.device) * other.float()).to(other.dtype)
+
+    __rmul__ = __mul__
+
+
+@functools.cache
+def _pipeline_class() -> type:
+    """``StableDiffusionXLPipeline`` that also takes a list of per-image guidance scales."""
+    from diffusers import StableDiffusionXLPipeline
+
+    class PerImageGuidanceSDXLPipeline(StableDiffusionXLPipeline):
+        _per_image_guidance: _GuidanceScales | None = None
+
+        @property
+        def guidance_scale(self) -> Any:
+            if self._per_image_guidance is not None:
+                return self._per_image_guidance
+            return self._guidance_scale
+
+        def __call__(self, *args: Any, guidance_scale: float | Sequence[float] = 5.0, **kwargs: Any) -> Any:
+            if isinstance(guidance_scale, (int, float)):
+                return super().__call__(*args, guidance_scale=guidance_scale, **kwargs)
+            scales = [float(g) for g in guidance_scale]
+            guided = {uses_cfg(g) for g in scales}
+            if len(guided) != 1:
+                raise ValueError(
+                    "guidance scales of one batch must all be > 1 or all be <= 1: diffusers runs a scale "
+                    f"<= 1 without classifier-free guidance; got {scales}"
+                )
+            if not guided.pop():
+                # No guidance: the scale is not used at all.
+                return super().__call__(*args, guidance_scale=max(scales), **kwargs)
+            if self.unet.config.time_cond_proj_dim is not None:
+                raise ValueError("per-image guidance scales are not supported for guidance-embedding UNets")
+            if kwargs.get("num_images_per_prompt", 1) != 1:
+                raise ValueError("per-image guidance scales need num_images_per_prompt=1")
+            if kwargs.get("guidance_rescale", 0.0):
+                raise ValueError("per-image guidance scales do not support guidance_rescale")
+            scale_tensor = torch.tensor(scales, dtype=torch.float32, device=self._execution_device)
+            self._per_image_guidance = _GuidanceScales(scale_tensor.view(-1, 1, 1, 1))
+            try:
+                return super().__call__(*args, guidance_scale=max(scales), **kwargs)
+            finally:
+                self._per_image_guidance = None
+
+    return PerImageGuidanceSDXLPipeline
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a missing or unreachable checkpoint raises: huggingface_hub's HTTP, offline and
+    not-cached errors are OSErrors, except ``EntryNotFoundError``."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    return (OSError, EntryNotFoundError)
+
+
+class RealVisXLEngine(Engine):
+    """RealVisXL (any SDXL pipeline in diffusers format) on one device."""
+
+    name = "realvis_xl"
+    default_model = "SG161222/RealVisXL_V5.0"
+    setting = "FLEXYFACE_REALVIS_XL_MODEL"
+
+    def __init__(self, pipeline: Any, runtime: Runtime, identity: ModelIdentity) -> None:
+        self._pipeline = pipeline
+        self.runtime = runtime
+        self.identity = identity
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, location: str, runtime: Runtime, *, offline: bool, compile: bool = False) -> RealVisXLEngine:
+        checked = check_location(cls.name, location, cls.setting)
+        pipeline_class = _pipeline_class()
+        if is_local(checked):
+            if not (Path(checked) / "model_index.json").is_file():
+                raise MissingWeightsError(
+                    f"{cls.name}: {location!r} is not a diffusers SDXL pipeline directory (no model_index.json); "
+                    f"set {cls.setting} to such a directory or to a Hugging Face hub id"
+                )
+            resolved = checked
+        else:
+            try:
+                resolved = pipeline_class.download(checked, local_files_only=offline)
+            except _hub_errors() as exc:
+                raise missing_weights(cls.name, location, cls.setting, exc) from exc
+
+        start = time.perf_counter()
+        try:
+            # low_cpu_mem_usage (accelerate): the weights are placed into empty modules instead of
+            # overwriting a full random initialisation. No watermark: images are scored, and the
+            # invisible watermark would change pixels depending on whether its package is installed.
+            pipeline = pipeline_class.from_pretrained(
+                resolved, dtype=runtime.dtype, local_files_only=offline, low_cpu_mem_usage=True,
+                add_watermarker=False,
+            )
+        except _hub_errors() as exc:
+            raise MissingWeightsError(
+                f"{cls.name}: cannot load the SDXL pipeline at {location!r} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); set {cls.setting} to a complete pipeline"
+            ) from exc
+        pipeline.to(runtime.device)
+        # The original SDXL VAE overflows float16 (activations beyond 65504 become inf/NaN: black
+        # images); its config says so with force_upcast=True, and it decodes in float32. VAEs fixed
+        # for float16 (madebyollin/sdxl-vae-fp16-fix) say force_upcast=False and stay in float16.
+        # bfloat16 has float32's exponent range, and float32 needs nothing: both keep the runtime dtype.
+        # The VAE stays in float32 for good instead of being cast back and forth on every batch
+        # (torch's own ``to``: diffusers' ModelMixin.to warns on any dtype cast).
+        if runtime.dtype == torch.float16 and getattr(pipeline.vae.config, "force_upcast", False):
+            torch.nn.Module.to(pipeline.vae, dtype=torch.float32)
+        pipeline.set_progress_bar_config(disable=True)
+        if compile:
+            pipeline.unet.compile()
+        identity = identify(location, resolved)
+        logger.info(
+            "%s: loaded %s (%s) on %s in %s (VAE %s) in %.1f s%s",
+            cls.name, identity.model_id, identity.revision, runtime.device, runtime.dtype,
+            pipeline.vae.dtype, time.perf_counter() - start, ", UNet compiled" if compile else "",
+        )
+        return cls(pipeline, runtime, identity)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    @classmethod
+    def batch_key(cls, request: ImageRequest) -> Hashable:
+        return (request.steps, request.width, request.height, uses_cfg(request.guidance))
+
+    @property
+    def pipeline(self) -> Any:
+        if self._pipeline is None:
+            raise RuntimeError(f"{self.name}: the engine is closed")
+        return self._pipeline
+
+    def _check_batch(self, batch: Sequence[ImageRequest]) -> list[ImageRequest]:
+        batch = list(batch)
+        if not batch:
+            raise ValueError("generate: the batch is empty")
+        keys = {self.batch_key(r) for r in batch}
+        if len(keys) != 1:
+            raise ValueError(
+                "generate: a batch must share steps, size and guidance mode (> 1 or <= 1); "
+                f"got {sorted(keys, key=str)} — group requests with plan_batches"
+            )
+        return batch
+
+    def generate_arrays(self, batch: Sequence[ImageRequest]) -> np.ndarray:
+        """The batch's images as float32 RGB in [0, 1], shape (N, height, width, 3)."""
+        batch = self._check_batch(batch)
+        pipeline = self.pipeline
+        first = batch[0]
+        generators = [torch.Generator(device=self.runtime.device).manual_seed(r.seed) for r in batch]
+        scales = [r.guidance for r in batch]
+        start = time.perf_counter()
+        latents = pipeline(
+            prompt=[r.prompt for r in batch],
+            num_inference_steps=first.steps,
+            guidance_scale=scales[0] if len(set(scales)) == 1 else scales,
+            width=first.width,
+            height=first.height,
+            generator=generators,
+            output_type="latent",
+        ).images
+        images = self._decode(latents)
+        bad = [r.image_id for r, image in zip(batch, images) if not np.isfinite(image).all()]
+        if bad:
+            raise RuntimeError(
+                f"{self.name}: non-finite pixel values in {bad} ({self.runtime.dtype}); the model overflowed "
+                "this dtype — try bf16 or fp32"
+            )
+        logger.debug(
+            "%s: %d images, %d steps, %dx%d in %.2f s",
+            self.name, len(batch), first.steps, first.width, first.height, time.perf_counter() - start,
+        )
+        return images
+
+    def generate(self, batch: Sequence[ImageRequest]) -> list[PIL.Image.Image]:
+        """The batch's images as RGB PIL images, in the order of ``batch``."""
+        images = self.generate_arrays(batch)
+        return self.pipeline.image_processor.numpy_to_pil(images)
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        """VAE-decode one image at a time (bounded memory; a batch decodes as its images would alone)."""
+        vae = self.pipeline.vae
+        config = vae.config
+        latents = latents.to(dtype=vae.dtype)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            mean_t = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+            std_t = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+            latents = latents * std_t / config.scaling_factor + mean_t
+        else:
+            latents = latents / config.scaling_factor
+        decoded = torch.cat([vae.decode(latent[None], return_dict=False)[0] for latent in latents])
+        return self.pipeline.image_processor.postprocess(decoded, output_type="np")
+
+    def close(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline = None
+            free_memory(self.runtime.device)
+
+    # -- test models ---------------------------------------------------------------------------
+
+    @classmethod
+    def build_tiny(cls, directory: Path) -> None:
+        from flexyface_pipeline.lib.models.sdxl_builders import build_tiny_sdxl
+
+        build_tiny_sdxl(directory)
+
+    @classmethod
+    def build_random_full(cls, directory: Path, *, dtype: torch.dtype = torch.bfloat16) -> None:
+        from flexyface_pipeline.lib.models.sdxl_builders import build_random_full_sdxl
+
+        build_random_full_sdxl(directory, dtype=dtype)
