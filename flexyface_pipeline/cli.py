@@ -17,10 +17,14 @@ logger = logging.getLogger("flexyface")
 
 
 def _load_dotenv() -> None:
-    from dagster._utils.env import get_env_var_dict
+    """Read ``.env`` from the current directory as the dagster CLI does; exported variables win."""
+    from dotenv import dotenv_values
 
-    for key, value in get_env_var_dict(os.getcwd()).items():
-        os.environ.setdefault(key, value)
+    path = Path.cwd() / ".env"
+    if path.is_file():
+        for key, value in dotenv_values(path).items():
+            if value is not None:
+                os.environ.setdefault(key, value)
 
 
 def _instance():
@@ -121,10 +125,15 @@ def run_rescore(args: argparse.Namespace) -> None:
     if unknown or not sweeps:
         raise SystemExit(f"unknown sweep(s) {unknown or sweeps}; known sweeps: {known}")
     selection = [SCORE_TABLES[m][0] for m in metrics]
-    job = dg.define_asset_job("rescore", selection=selection, partitions_def=sweeps_partitions)
+    job = dg.define_asset_job("rescore", selection=selection)
     resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("rescore")
-    for sweep in sweeps:
-        _check(resolved.execute_in_process(instance=instance, partition_key=sweep), f"re-scoring {sweep}")
+    if args.all and len(sweeps) > 1:
+        # One run over every sweep: the score assets' single-run backfill policy loads each model once.
+        tags = {"dagster/asset_partition_range_start": sweeps[0], "dagster/asset_partition_range_end": sweeps[-1]}
+        _check(resolved.execute_in_process(instance=instance, tags=tags), "re-scoring all sweeps")
+    else:
+        for sweep in sweeps:
+            _check(resolved.execute_in_process(instance=instance, partition_key=sweep), f"re-scoring {sweep}")
     if not args.no_export:
         run_export(args)
 

@@ -120,23 +120,25 @@ def generated_images(context: dg.AssetExecutionContext, storage: StorageResource
     totals = {"generated": 0, "reused": 0, "images": 0}
     seconds = 0.0
     missing: list[str] = []
-    for sweep in context.partition_keys:
-        params = store.read_table("parameters", sweep)
-        engine_name = str(params["engine"].iloc[0])
-        report = generate_sweep(
-            params,
-            store,
-            lambda: models.engine(engine_name),
-            batch_size=models.generation_batch_size,
-            log=context.log,
-        )
-        store.write_table("images", sweep, report.table)
-        missing += check_images_exist([store.absolute(p) for p in report.table["image_path"]]).metadata["missing"]
-        totals["generated"] += report.generated
-        totals["reused"] += report.reused
-        totals["images"] += len(report.table)
-        seconds += report.seconds
-    models.release()
+    try:
+        for sweep in context.partition_keys:
+            params = store.read_table("parameters", sweep)
+            engine_name = str(params["engine"].iloc[0])
+            report = generate_sweep(
+                params,
+                store,
+                lambda: models.engine(engine_name),
+                batch_size=models.generation_batch_size,
+                log=context.log,
+            )
+            store.write_table("images", sweep, report.table)
+            missing += check_images_exist([store.absolute(p) for p in report.table["image_path"]]).metadata["missing"]
+            totals["generated"] += report.generated
+            totals["reused"] += report.reused
+            totals["images"] += len(report.table)
+            seconds += report.seconds
+    finally:
+        models.release()  # no model outlives its gpu-pool step
     generated_per_s = totals["generated"] / seconds if totals["generated"] and seconds > 0 else 0.0
     return dg.MaterializeResult(
         check_results=[
