@@ -23,6 +23,7 @@ def env_resources() -> dict[str, dg.ConfigurableResource]:
     models = ModelResource(
         storage=storage,
         profile=dg.EnvVar("FLEXYFACE_MODEL_PROFILE"),
+        models_dir=dg.EnvVar("FLEXYFACE_MODELS_DIR"),
         device=dg.EnvVar("FLEXYFACE_DEVICE"),
         dtype=dg.EnvVar("FLEXYFACE_DTYPE"),
         realvis_xl_model=dg.EnvVar("FLEXYFACE_REALVIS_XL_MODEL"),

@@ -9,12 +9,13 @@ from flexyface_pipeline import cli
 
 
 @pytest.fixture
-def cli_env(monkeypatch, data_dir, dagster_home, tmp_path):
+def cli_env(monkeypatch, data_dir, dagster_home, tmp_path, tiny_models_dir):
     monkeypatch.chdir(tmp_path)  # no .env here
     env = {
         "DAGSTER_HOME": str(dagster_home),
         "FLEXYFACE_DATA_DIR": str(data_dir),
         "FLEXYFACE_MODEL_PROFILE": "tiny",
+        "FLEXYFACE_MODELS_DIR": str(tiny_models_dir),
         "FLEXYFACE_DEVICE": "cpu",
         "FLEXYFACE_DTYPE": "auto",
         "FLEXYFACE_REALVIS_XL_MODEL": "SG161222/RealVisXL_V5.0",
@@ -43,7 +44,7 @@ def cli_env(monkeypatch, data_dir, dagster_home, tmp_path):
 def test_bad_sweep_settings_fail_before_anything_runs(cli_env, dagster_home, caplog, argv, message):
     assert cli.main(argv) == 2
     assert message in caplog.text
-    assert not (cli_env / "sweeps").exists() and not (cli_env / "models").exists()
+    assert not (cli_env / "sweeps").exists() and not (cli_env / "images").exists()
     with dg.DagsterInstance.get() as instance:
         assert instance.get_dynamic_partitions("sweeps") == []
         assert instance.get_runs() == []

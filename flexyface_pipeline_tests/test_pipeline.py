@@ -98,6 +98,7 @@ def test_rescoring_one_metric_touches_only_its_table(data_dir, tiny_models_dir, 
     hps.unlink()  # proves the table is written again by the re-score
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXYFACE_", "DAGSTER_"))}
     env |= {"DAGSTER_HOME": str(dagster_home), "FLEXYFACE_DATA_DIR": str(data_dir), "FLEXYFACE_MODEL_PROFILE": "tiny",
+            "FLEXYFACE_MODELS_DIR": str(tiny_models_dir),
             "FLEXYFACE_DEVICE": "cpu", "FLEXYFACE_DTYPE": "auto"}
     env |= {f"FLEXYFACE_{name}_MODEL": "unused-in-tiny/profile" for name in ("REALVIS_XL", "CLIP", "AESTHETIC_V1",
                                                                               "AESTHETIC_V2", "HPS_V2")}
