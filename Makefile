@@ -27,15 +27,26 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	@if [ -f .env ]; then echo ".env exists: keeping it (compare with .env.example)"; touch .env; \
 	else sed "s|@@REPO@@|$(REPO)|g" .env.example > .env; echo "wrote .env"; fi
 
-data/dagster/dagster.yaml:
+# The Dagster instance under data/dagster/ (DAGSTER_HOME in .env): its dagster.yaml links to the
+# settings chosen by FLEXYFACE_INSTANCE=sqlite|postgres (unset: keep the current link, else sqlite),
+# then the gpu pool's limit is stored. `dagster instance concurrency set` does not read .env itself.
+.PHONY: instance
+instance: $(STAMP) .env
 	@mkdir -p data/dagster data/exports
-	@ln -sfn ../../dagster.yaml data/dagster/dagster.yaml
+	@case "$(FLEXYFACE_INSTANCE)" in \
+	  sqlite) ln -sfn ../../dagster.yaml data/dagster/dagster.yaml ;; \
+	  postgres) ln -sfn ../../deploy/dagster-postgres.yaml data/dagster/dagster.yaml ;; \
+	  "") [ -e data/dagster/dagster.yaml ] || ln -sfn ../../dagster.yaml data/dagster/dagster.yaml ;; \
+	  *) echo "FLEXYFACE_INSTANCE must be sqlite or postgres, not '$(FLEXYFACE_INSTANCE)'" >&2; exit 2 ;; \
+	esac
+	@echo "data/dagster/dagster.yaml -> $$(readlink data/dagster/dagster.yaml)"
+	$(VENV)/bin/dotenv -f .env run -- $(VENV)/bin/dagster instance concurrency set gpu 1
 
-setup: $(STAMP) .env data/dagster/dagster.yaml
+setup: $(STAMP) .env instance
 
 demo: setup
 	$(VENV)/bin/flexyface sweep $(DEMO_SWEEP) --images 24 --prompt-file demo.txt \
-		--steps 4 30 --guidance 1.0 9.0 --width 128 --height 128 --seed 7
+		--steps 4 24 --guidance 1.0 9.0 --width 64 --height 64 --seed 7
 	@echo "Exports: $(REPO)/data/exports/sweep_results.parquet and $(REPO)/data/exports/sweep_results.csv"
 
 test: setup

@@ -25,6 +25,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; finished files are ordinary readable files
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
