@@ -1,13 +1,9 @@
 """Instance configuration (dagster.yaml, deploy/dagster-postgres.yaml) and deployment files."""
 
-import json
 import os
 import re
 import shutil
 import subprocess
-import sys
-import textwrap
-import time
 import tomllib
 from pathlib import Path
 
@@ -35,11 +31,12 @@ from flexyface_pipeline_tests.pg import (
     open_instance,
     postgres_dagster_home,
     require_postgres,
+    temporary_database,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 SQLITE_INSTANCE_YAML = REPO / "dagster.yaml"
-SHARED_SECTIONS = ("telemetry", "run_queue", "concurrency")
+SHARED_SECTIONS = ("telemetry", "run_queue", "concurrency", "run_monitoring")
 
 
 def _home_linked_to(home: Path, config: Path) -> Path:
@@ -51,24 +48,37 @@ def _home_linked_to(home: Path, config: Path) -> Path:
 
 def _assert_gpu_pool_limited_to_one(instance: dg.DagsterInstance) -> None:
     concurrency = instance.get_concurrency_config()
-    assert concurrency.pool_config.pool_granularity == PoolGranularity.RUN
+    # Steps claim the pool's slots, in launched runs and in-process executions alike.
+    assert concurrency.pool_config.pool_granularity == PoolGranularity.OP
     assert concurrency.pool_config.default_pool_limit == 1
     assert concurrency.run_queue_config is not None
     assert concurrency.run_queue_config.max_concurrent_runs == 4
     assert concurrency.run_queue_config.should_block_op_concurrency_limited_runs
+    assert concurrency.run_queue_config.op_concurrency_slot_buffer == 0
     assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+    # The daemon frees the slots that a finished (or force-canceled) run still holds.
+    assert instance.run_monitoring_enabled
+    assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 30
+    assert "MONITORING" in instance.get_required_daemon_types()
 
     storage = instance.event_log_storage
     assert storage.supports_global_concurrency_limits
     assert "gpu" not in storage.get_concurrency_keys()
-    # What the run queue does the first time it sees a run that uses the pool.
+    # What a step (or the run queue) does the first time it meets the pool.
     assert storage.initialize_concurrency_limit_to_default("gpu")
     info = storage.get_concurrency_info("gpu")
     assert (info.slot_count, info.limit, info.using_default_limit) == (1, 1, True)
-    # What `dagster instance concurrency set gpu 1` (run by make) stores.
+    # What `dagster instance concurrency set gpu 1` (run by `make instance`) stores.
     storage.set_concurrency_slots("gpu", 1)
     info = storage.get_concurrency_info("gpu")
     assert (info.slot_count, info.using_default_limit) == (1, False)
+    # One slot: a second claimant waits until the first frees it.
+    assert storage.claim_concurrency_slot("gpu", "run-a", "generated_images").is_claimed
+    assert not storage.claim_concurrency_slot("gpu", "run-b", "hps_v2_scores").is_claimed
+    storage.free_concurrency_slot_for_step("run-a", "generated_images")
+    assert storage.claim_concurrency_slot("gpu", "run-b", "hps_v2_scores").is_claimed
+    storage.free_concurrency_slots_for_run("run-b")
+    assert storage.get_concurrency_info("gpu").claimed_slots == []
 
 
 def test_sqlite_instance_from_repository_config(tmp_path):
@@ -113,7 +123,7 @@ def test_postgres_config_resolves_connection_from_environment(tmp_path):
     assert ref.schedule_storage_data.class_name == "PostgresScheduleStorage"
     assert ref.run_coordinator_data.class_name == "QueuedRunCoordinator"
     assert ref.settings["telemetry"] == {"enabled": False}
-    assert ref.settings["concurrency"]["pools"] == {"granularity": "run", "default_limit": 1}
+    assert ref.settings["concurrency"]["pools"] == {"granularity": "op", "default_limit": 1}
     # No value of the connection settings is written in the file.
     connection = yaml.safe_load(POSTGRES_INSTANCE_YAML.read_text())["storage"]["postgres"]["postgres_db"]
     for key in ("hostname", "port", "username", "password", "db_name"):
@@ -183,107 +193,82 @@ def test_postgres_instance_round_trip(tmp_path):
         assert not list(home.rglob("*.db"))
 
 
-# -- The run queue keeps two runs from holding the gpu pool at once -------------------------------
+# -- `make instance` -----------------------------------------------------------------------------
 
-_POOL_MODULE = '''
-import json, os, time
-import dagster as dg
-
-LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "events.jsonl")
-
-
-def record(event, run_id):
-    with open(LOG, "a") as f:
-        f.write(json.dumps({"t": time.time(), "event": event, "run": run_id}) + "\\n")
-
-
-class Probe(dg.ConfigurableResource):
-    def setup_for_execution(self, context):
-        record("setup", context.run_id)
+def _checkout(root: Path) -> Path:
+    """A directory laid out like the repository for the Makefile's `instance` target."""
+    root.mkdir()
+    (root / ".venv").symlink_to(REPO / ".venv")
+    shutil.copy(REPO / ".env.example", root / ".env.example")
+    (root / "dagster.yaml").symlink_to(SQLITE_INSTANCE_YAML)
+    (root / "deploy").mkdir()
+    (root / "deploy" / "dagster-postgres.yaml").symlink_to(POSTGRES_INSTANCE_YAML)
+    return root
 
 
-@dg.asset
-def parameters(context: dg.AssetExecutionContext, probe: Probe):
-    record("parameters", context.run_id)
+def _make_instance(checkout: Path, choice: str | None = None) -> subprocess.CompletedProcess:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXYFACE_", "DAGSTER_", "MAKE"))}
+    # -o: the virtualenv stamp counts as up to date (the checkout shares the repository's .venv).
+    command = ["make", "-f", str(REPO / "Makefile"), "-C", str(checkout), "-o", ".venv/.installed", "instance"]
+    if choice is not None:
+        command.append(f"FLEXYFACE_INSTANCE={choice}")
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
-@dg.asset(pool="gpu", deps=[parameters])
-def on_gpu(context: dg.AssetExecutionContext, probe: Probe):
-    record("gpu_start", context.run_id)
-    # Longer than a run process takes to start here, so a second run started alongside would
-    # set up its resources before this step ends.
-    time.sleep(6)
-    record("gpu_end", context.run_id)
-
-
-defs = dg.Definitions(
-    assets=[parameters, on_gpu],
-    jobs=[dg.define_asset_job("pool_job", selection="*")],
-    resources={"probe": Probe()},
-    executor=dg.in_process_executor,
-)
-'''
-
-
-def _dagster(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dagster", *args]
-
-
-def test_queued_runs_never_share_the_gpu_pool(tmp_path):
-    """Two runs queued together, dequeued by a real daemon: the second starts after the first ends."""
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "pool_defs.py").write_text(textwrap.dedent(_POOL_MODULE))
-    home = _home_linked_to(tmp_path / "dagster", SQLITE_INSTANCE_YAML)
-    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(code)}
-    target = ["-m", "pool_defs", "-d", str(code)]
-    run = dict(env=env, cwd=code, capture_output=True, text=True, timeout=120)
-
-    # As `make` does: create the pool's limit before any run is queued.
-    subprocess.run(_dagster("instance", "concurrency", "set", "gpu", "1"), check=True, **run)
-    # Queue both runs before the daemon starts, so that its first pass sees both of them.
-    launches = [
-        subprocess.Popen(_dagster("job", "launch", *target, "-j", "pool_job"), env=env, cwd=code,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
-    ]
-    for launch in launches:
-        output, _ = launch.communicate(timeout=120)
-        assert launch.returncode == 0, output
+def _gpu_limit(home: Path) -> tuple[int, bool]:
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        queued = instance.get_runs()
-        assert [r.status for r in queued] == [dg.DagsterRunStatus.QUEUED] * 2
+        info = instance.event_log_storage.get_concurrency_info("gpu")
+        return info.limit, info.using_default_limit
 
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "dagster._daemon", "run", *target],
-        env=env, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        log = code / "events.jsonl"
-        events: list[dict] = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-            if sum(event["event"] == "gpu_end" for event in events) == 2:
-                break
-            time.sleep(0.5)
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=60)
 
-    by_run: dict[str, dict[str, float]] = {}
-    for event in events:
-        by_run.setdefault(event["run"], {})[event["event"]] = event["t"]
-    assert len(by_run) == 2 and all("gpu_end" in times for times in by_run.values()), events
-    first, second = sorted(by_run.values(), key=lambda times: times["setup"])
-    # The second run was held in the queue: it did not even set up its resources before the
-    # first run's GPU step ended.
-    assert second["setup"] >= first["gpu_end"], events
-    assert second["gpu_start"] >= first["gpu_end"]
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        records = instance.get_run_records()
-        assert [r.dagster_run.status for r in records] == [dg.DagsterRunStatus.SUCCESS] * 2
-        assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots == []
+def test_make_instance_links_sqlite_settings_and_sets_the_gpu_limit(tmp_path):
+    checkout = _checkout(tmp_path / "checkout")
+    done = _make_instance(checkout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Set concurrency limit for gpu to 1." in done.stdout
+    home = checkout / "data" / "dagster"
+    assert os.readlink(home / "dagster.yaml") == "../../dagster.yaml"
+    # .env came from .env.example with this checkout's path; `dotenv run` gave its DAGSTER_HOME to
+    # `dagster instance concurrency set`, which stored the limit in this instance.
+    assert dotenv_values(checkout / ".env")["DAGSTER_HOME"] == str(home)
+    assert (home / "history" / "runs.db").is_file()
+    assert _gpu_limit(home) == (1, False)
+
+    refused = _make_instance(checkout, "mysql")
+    assert refused.returncode != 0
+    assert "FLEXYFACE_INSTANCE must be sqlite or postgres, not 'mysql'" in refused.stderr
+    assert os.readlink(home / "dagster.yaml") == "../../dagster.yaml"
+
+
+@pytest.mark.postgres
+def test_make_instance_switches_to_postgres_and_back(tmp_path):
+    settings = require_postgres()
+    checkout = _checkout(tmp_path / "checkout")
+    home = checkout / "data" / "dagster"
+    with temporary_database(settings) as dbname:
+        lines = [f"DAGSTER_HOME={home}"] + [f"{k}={v}" for k, v in settings.instance_env(dbname).items()]
+        (checkout / ".env").write_text("\n".join(lines) + "\n")
+
+        done = _make_instance(checkout, "postgres")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert os.readlink(home / "dagster.yaml") == "../../deploy/dagster-postgres.yaml"
+        with settings.connect(dbname) as conn, conn.cursor() as cur:
+            cur.execute('SELECT concurrency_key, "limit", using_default_limit FROM concurrency_limits')
+            assert cur.fetchall() == [("gpu", 1, False)]
+        conn.close()
+        assert not list(home.rglob("*.db"))
+
+        # Without FLEXYFACE_INSTANCE the current choice stays.
+        kept = _make_instance(checkout)
+        assert kept.returncode == 0, kept.stdout + kept.stderr
+        assert os.readlink(home / "dagster.yaml") == "../../deploy/dagster-postgres.yaml"
+
+        back = _make_instance(checkout, "sqlite")
+        assert back.returncode == 0, back.stdout + back.stderr
+        assert os.readlink(home / "dagster.yaml") == "../../dagster.yaml"
+        assert _gpu_limit(home) == (1, False)
 
 
 # -- Deployment files --------------------------------------------------------------------------
