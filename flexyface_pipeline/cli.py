@@ -30,12 +30,24 @@ def _load_dotenv() -> None:
 def _instance():
     import dagster as dg
 
+    from flexyface_pipeline.defs.recovery import recover_dead_runs
+
     if not os.environ.get("DAGSTER_HOME"):
         raise SystemExit(
             "DAGSTER_HOME is not set: run `make setup` (it writes .env) or export DAGSTER_HOME to a directory "
             "holding dagster.yaml"
         )
-    return dg.DagsterInstance.get()
+    instance = dg.DagsterInstance.get()
+    recover_dead_runs(instance, logger)  # a killed run must not keep the gpu slot
+    return instance
+
+
+def _tags() -> dict[str, str]:
+    import socket
+
+    from flexyface_pipeline.defs.recovery import HOST_TAG
+
+    return {HOST_TAG: socket.gethostname()}
 
 
 def _storage_root() -> Path:
@@ -90,7 +102,8 @@ def run_sweep(args: argparse.Namespace) -> None:
         instance.add_dynamic_partitions(sweeps_partitions.name, [args.name])
         logger.info("added sweep partition %s", args.name)
     job = defs.resolve_job_def("sweep_job")
-    result = job.execute_in_process(instance=instance, partition_key=args.name, run_config=_sweep_run_config(args))
+    result = job.execute_in_process(instance=instance, partition_key=args.name, run_config=_sweep_run_config(args),
+                                    tags=_tags())
     _check(result, f"sweep {args.name}")
     if not args.no_export:
         run_export(args)
@@ -100,7 +113,7 @@ def run_export(args: argparse.Namespace) -> None:
     from flexyface_pipeline.definitions import defs
 
     instance = _instance()
-    result = defs.resolve_job_def("export_job").execute_in_process(instance=instance)
+    result = defs.resolve_job_def("export_job").execute_in_process(instance=instance, tags=_tags())
     _check(result, "export")
     exports = _storage_root() / "exports"
     logger.info("exports written under %s", exports)
@@ -129,13 +142,24 @@ def run_rescore(args: argparse.Namespace) -> None:
     resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("rescore")
     if args.all and len(sweeps) > 1:
         # One run over every sweep: the score assets' single-run backfill policy loads each model once.
-        tags = {"dagster/asset_partition_range_start": sweeps[0], "dagster/asset_partition_range_end": sweeps[-1]}
+        tags = _tags() | {"dagster/asset_partition_range_start": sweeps[0],
+                          "dagster/asset_partition_range_end": sweeps[-1]}
         _check(resolved.execute_in_process(instance=instance, tags=tags), "re-scoring all sweeps")
     else:
         for sweep in sweeps:
-            _check(resolved.execute_in_process(instance=instance, partition_key=sweep), f"re-scoring {sweep}")
+            _check(resolved.execute_in_process(instance=instance, partition_key=sweep, tags=_tags()),
+                   f"re-scoring {sweep}")
     if not args.no_export:
         run_export(args)
+
+
+def run_recover(args: argparse.Namespace) -> None:
+    """``_instance()`` already recovers; report what it found."""
+    import dagster as dg
+
+    instance = _instance()
+    left = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+    sys.stdout.write(f"{len(left)} run(s) still in progress\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--all", action="store_true", help="every sweep")
     rescore.add_argument("--no-export", action="store_true")
     rescore.set_defaults(func=run_rescore)
+
+    recover = sub.add_parser("recover", help="mark runs whose process died as failed and free their gpu slot")
+    recover.set_defaults(func=run_recover)
 
     export = sub.add_parser("export", help="merge every sweep into data/exports/")
     export.set_defaults(func=run_export)

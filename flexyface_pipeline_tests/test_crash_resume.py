@@ -111,17 +111,16 @@ def test_sweep_killed_during_generation_resumes_without_redoing_finished_images(
         # A batch is logged once all its files are on disk; the files of at most one more batch
         # may have been written before the kill.
         assert logged <= len(pngs) <= logged + BATCH_SIZE, (progress, pngs)
-        # Recovery, as in the UI: mark the dead run canceled ("Terminate", force) and free its slot.
-        instance.report_run_canceled(killed, message="run process killed (SIGKILL)")
-        instance.event_log_storage.free_concurrency_slots_for_run(killed.run_id)
-
+    # The re-run finds the dead run (its process is gone), marks it failed and frees its slot.
     rerun = _sweep(crashed_env, workdir)
     output, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, output
 
     with dg.DagsterInstance.from_config(crashed_env["DAGSTER_HOME"]) as instance:
         runs = instance.get_runs()
-        assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.CANCELED]
+        assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE]
+        assert runs[1].run_id == killed.run_id
+        assert any("no longer exists" in (e.message or "") for e in instance.all_logs(killed.run_id))
         event = instance.get_latest_materialization_event(dg.AssetKey("generated_images"))
         assert event.run_id == runs[0].run_id
         metadata = event.asset_materialization.metadata

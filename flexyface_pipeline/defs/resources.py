@@ -1,6 +1,7 @@
 """Resources: where data lives, and the one model slot that GPU assets share."""
 
 
+import fcntl
 import logging
 import shutil
 import tempfile
@@ -102,20 +103,27 @@ class ModelResource(dg.ConfigurableResource):
         root = Path(self.models_dir) if self.models_dir else self.storage.store().models_dir
         target = root / self.profile / key
         if not (target / ".complete").is_file():
-            build = builder.build_tiny if self.profile == "tiny" else builder.build_random_full
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
-            logger.info("building %s model %s under %s", self.profile, key, target)
-            try:
-                build(tmp)
-                (tmp / ".complete").write_text("ok\n")
-                if target.exists():
-                    shutil.rmtree(target)
-                tmp.rename(target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            # One builder at a time, also across processes; the others wait and load its result.
+            with open(target.parent / f".{key}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (target / ".complete").is_file():
+                    self._build(key, builder, target)
         return str(target)
+
+    def _build(self, key: str, builder: Any, target: Path) -> None:
+        build = builder.build_tiny if self.profile == "tiny" else builder.build_random_full
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+        logger.info("building %s model %s under %s", self.profile, key, target)
+        try:
+            build(tmp)
+            (tmp / ".complete").write_text("ok\n")
+            if target.exists():
+                shutil.rmtree(target)  # an unfinished build
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     # -- the model slot ----------------------------------------------------------------------
     def _take(self, key: str, load: Any) -> Any:
