@@ -31,7 +31,7 @@ from flexyface_pipeline_tests.test_gpu_pool import BIN, REPO, link_instance, pro
 
 SWEEP = "crash"
 NUM_IMAGES = 12
-BATCH_SIZE = 4  # ModelResource.generation_batch_size: env_resources() leaves the default
+BATCH_SIZE = 1  # ModelResource.generation_batch on CPU (generation_batch_size 0: automatic)
 SWEEP_ARGS = ["--images", str(NUM_IMAGES), "--width", "64", "--height", "64", "--steps", "4", "6",
               "--prompt-file", "demo.txt", "--seed", "7", "--no-export"]
 PROGRESS = re.compile(r"generated (\d+)/(\d+) images")

@@ -44,7 +44,9 @@ class ModelResource(dg.ConfigurableResource):
     offline: bool = False
     compile_unet: bool = False
     models_dir: str = ""  # where random-weight profiles are built; empty: <data_dir>/models
-    generation_batch_size: int = 4
+    # Images per diffusers call (same step count). 0: 4 on CUDA, 1 on CPU, where batching gains
+    # nothing (benchmarks/bench_generation.py: batch 4 was 17 % slower than 1 on the tiny model).
+    generation_batch_size: int = 0
     scoring_batch_size: int = 16
     realvis_xl_model: str = "SG161222/RealVisXL_V5.0"
     clip_model: str = "openai/clip-vit-large-patch14"
@@ -67,8 +69,8 @@ class ModelResource(dg.ConfigurableResource):
         """Check the settings without loading anything."""
         if self.profile not in PROFILES:
             raise ValueError(f"profile: expected one of {list(PROFILES)}, got {self.profile!r}")
-        if self.generation_batch_size < 1 or self.scoring_batch_size < 1:
-            raise ValueError("generation_batch_size and scoring_batch_size must be >= 1")
+        if self.generation_batch_size < 0 or self.scoring_batch_size < 1:
+            raise ValueError("generation_batch_size must be >= 0 (0: automatic) and scoring_batch_size >= 1")
         self._runtime = resolve_runtime(self.device, self.dtype, self.tf32)
 
     @property
@@ -77,6 +79,12 @@ class ModelResource(dg.ConfigurableResource):
             self.validate()
         assert self._runtime is not None
         return self._runtime
+
+    @property
+    def generation_batch(self) -> int:
+        if self.generation_batch_size:
+            return self.generation_batch_size
+        return 4 if self.runtime.is_cuda else 1
 
     @property
     def is_offline(self) -> bool:

@@ -128,7 +128,7 @@ def generated_images(context: dg.AssetExecutionContext, storage: StorageResource
                 params,
                 store,
                 lambda: models.engine(engine_name),
-                batch_size=models.generation_batch_size,
+                batch_size=models.generation_batch,
                 log=context.log,
             )
             store.write_table("images", sweep, report.table)
