@@ -14,11 +14,13 @@ import torch
 
 from flexyface_pipeline.lib.metrics import AestheticV1Scorer, AestheticV2Scorer, ClipScorer, HpsV2Scorer
 from flexyface_pipeline.lib.models.common import free_memory, resolve_runtime
+from flexyface_pipeline_tests.test_metrics import BF16_TOLERANCE
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
 
 CPU = resolve_runtime("cpu", "fp32")
+CPU_BF16 = resolve_runtime("cpu", "bf16")
 PROMPT = "a portrait of a woman in a garden, golden hour"
 
 
@@ -53,6 +55,27 @@ def test_full_size_clip_l14_scorers(tmp_path) -> None:
             scorer, value = scorers[metric]
             assert scorer.vision_digest == clip.vision_digest
             np.testing.assert_allclose(scorer.score_from_embeddings(embedding), value, atol=1e-5, rtol=0)
+
+        # bfloat16 autocast against float32 on the full-size tower (the tolerance's basis). Random
+        # CLIP weights give negative cosines (clipped to 0), so the raw cosine is compared too.
+        for cls in (ClipScorer, AestheticV1Scorer, AestheticV2Scorer):
+            bf16 = cls.load(str(tmp_path / cls.metric), CPU_BF16, offline=True)
+            try:
+                fp32_scorer, fp32_value = scorers[cls.metric]
+                bf16_embedding = bf16.image_embeddings([image])
+                drift = float((bf16_embedding - fp32_scorer.image_embeddings([image])).norm())
+                value = bf16.score([image], [PROMPT])
+                logger.info("%s: bf16 embedding moved by %.2e, score by %.2e", cls.metric, drift,
+                            abs(value[0] - fp32_value[0]))
+                assert 0 < drift < 2e-2
+                np.testing.assert_allclose(value, fp32_value, atol=BF16_TOLERANCE[cls.metric], rtol=0)
+                if cls is ClipScorer:
+                    text = clip.text_embeddings([PROMPT])
+                    raw_fp32 = float((embedding * text).sum())
+                    raw_bf16 = float((bf16_embedding * bf16.text_embeddings([PROMPT])).sum())
+                    assert abs(raw_bf16 - raw_fp32) <= BF16_TOLERANCE["clip_score"]
+            finally:
+                bf16.close()
     finally:
         for scorer, _ in scorers.values():
             scorer.close()
@@ -79,3 +102,11 @@ def test_full_size_hps_vit_h14(tmp_path) -> None:
         assert value.shape == (1,) and np.isfinite(value).all() and abs(value[0]) <= 1.0
     finally:
         scorer.close()
+    bf16 = HpsV2Scorer.load(str(tmp_path / "hps"), CPU_BF16, offline=True)
+    try:
+        got = bf16.score([_image()], [PROMPT])
+        logger.info("hps_v2_score: bf16 moved the score by %.2e", abs(got[0] - value[0]))
+        assert got[0] != value[0]
+        np.testing.assert_allclose(got, value, atol=BF16_TOLERANCE["hps_v2_score"], rtol=0)
+    finally:
+        bf16.close()

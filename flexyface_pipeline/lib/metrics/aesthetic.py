@@ -4,7 +4,8 @@ Both are heads on the L2-normalised CLIP ViT-L/14 image embedding (the predictor
 normalise inside ``forward``; an unnormalised embedding gives scores above 10). v1 is one
 ``Linear(768, 1)``; v2 "sac+logos+ava1-l14-linearMSE" is five Linear layers. The prompt is not
 used. The embedding can come from another scorer with the same ``vision_digest``
-(``score_from_embeddings``), which gives the same numbers as scoring the images directly.
+(``score_from_embeddings``), which gives the same numbers as scoring the images directly. The
+head always runs in float32.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from flexyface_pipeline.lib.metrics.base import ImageEmbedder, Scorer, hf_call, hf_identity
-from flexyface_pipeline.lib.metrics.clip_score import pixel_values, vision_tower_digest
+from flexyface_pipeline.lib.metrics.base import ImageEmbedder, Scorer, as_embeddings, hf_call, hf_identity
+from flexyface_pipeline.lib.metrics.clip_score import prepare_image, vision_tower_digest
 from flexyface_pipeline.lib.models.common import ModelIdentity, Runtime
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class _AestheticScorer(Scorer, ImageEmbedder):
     predictor_class: ClassVar[str]  # attribute name in ``aesthetics_predictor``
     head_attribute: ClassVar[str]  # the predictor's head module on top of the embedding
     bounds: ClassVar[tuple[float | None, float | None]] = (None, None)
+    activation_bytes_per_image: ClassVar[int] = 32 << 20
 
     def __init__(self, model: CLIPVisionModelWithProjection, image_processor: CLIPImageProcessor,
                  identity: ModelIdentity, runtime: Runtime) -> None:
@@ -51,41 +53,58 @@ class _AestheticScorer(Scorer, ImageEmbedder):
 
         predictor = getattr(aesthetics_predictor, cls.predictor_class)
         logger.info("loading %s from %s on %s (%s)", cls.title, location, runtime.device, runtime.dtype)
+        # float32 weights; a reduced-precision runtime runs the image tower under autocast and
+        # the head in float32.
         model = hf_call(cls.title, location, cls.setting, lambda: predictor.from_pretrained(
-            location, dtype=runtime.dtype, local_files_only=offline))
+            location, dtype=torch.float32, local_files_only=offline))
         # The image half of the repository's CLIPProcessor: the prompt is not used.
         image_processor = hf_call(cls.title, location, cls.setting, lambda: CLIPImageProcessor.from_pretrained(
             location, local_files_only=offline))
-        model.to(runtime.device).eval()
-        return cls(model, image_processor, hf_identity(location), runtime)
+        model.eval()
+        scorer = cls(model, image_processor, hf_identity(location), runtime)
+        _ = scorer.vision_digest  # hashed on the CPU, before the move to the device
+        model.to(runtime.device)
+        return scorer
 
     @cached_property
     def vision_digest(self) -> str:
-        return vision_tower_digest(self.model, self.image_processor)
+        return vision_tower_digest(self.model, self.image_processor, self.runtime.dtype)
 
-    def image_embeddings(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
+    def prepare(self, image: PIL.Image.Image) -> torch.Tensor:
+        return prepare_image(self.image_processor, image)
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
         # What CLIPVisionModelWithProjection.forward computes as ``image_embeds``.
-        with torch.inference_mode():
-            pixels = pixel_values(self.image_processor, images, self.runtime)
+        with self._autocast():
             pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-            return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+            projected = self.model.visual_projection(pooled)
+        return F.normalize(projected.float(), dim=-1)
+
+    def embed_prepared(self, pixels: torch.Tensor) -> torch.Tensor:
+        self._check_open()
+        with torch.inference_mode():
+            return self._embed(self._to_device(pixels)).to("cpu")
 
     def _head(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The predictor head in float32 on L2-normalised embeddings (on the device)."""
         head = getattr(self.model, self.head_attribute)
-        return head(embeddings.to(self.runtime.device, self.runtime.dtype))[:, 0]
+        return head(embeddings.float())[:, 0]
 
-    def score_from_embeddings(self, embeddings: torch.Tensor) -> np.ndarray:
+    def score_from_embeddings(self, embeddings: torch.Tensor | np.ndarray,
+                              prompts: Sequence[str] | None = None) -> np.ndarray:
         """Scores from L2-normalised image embeddings (``image_embeddings`` of a scorer with an
-        equal ``vision_digest``)."""
-        if self._closed:
-            raise RuntimeError(f"{self.title} scorer was closed")
-        if embeddings.ndim != 2:
-            raise ValueError(f"embeddings: expected a 2-D tensor (images x dims), got shape {tuple(embeddings.shape)}")
+        equal ``vision_digest``); the prompt is not used."""
+        self._check_open()
+        embeddings = as_embeddings(embeddings)
+        if prompts is not None and len(prompts) != embeddings.shape[0]:
+            raise ValueError(f"{self.title}: got {embeddings.shape[0]} embeddings but {len(prompts)} prompts")
+        if not embeddings.shape[0]:
+            return np.empty(0, dtype=np.float64)
         with torch.inference_mode():
-            return self._head(embeddings).to("cpu", torch.float64).numpy()
+            return self._head(embeddings.to(self.runtime.device)).to("cpu", torch.float64).numpy()
 
-    def _score(self, images: list[PIL.Image.Image], prompts: list[str]) -> torch.Tensor:
-        return self._head(self.image_embeddings(images))
+    def _score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self._head(self._embed(pixels))
 
     def _release(self) -> None:
         del self.model, self.image_processor

@@ -1,18 +1,33 @@
 """What every image metric shares: the scorer interface, input checks and weight resolution.
 
-A scorer loads its model once (``Scorer.load``) and then scores batches of PIL images against
-their prompts (``Scorer.score``). The same classes load real weights (a hub id or a local
-directory) and the tiny / full-size random-weight models that ``build_tiny`` and
-``build_random_full`` write, through the same loading path.
+A scorer loads its model once (``Scorer.load``) and then scores batches of images against their
+prompts. Scoring is split in two so that file decoding and preprocessing can run in worker
+threads ahead of the model (see ``images.py``):
+
+- ``prepare(image)``: one RGB PIL image to the model's input tensor, on the CPU. No model work,
+  safe to call from several threads at once.
+- ``score_prepared(pixels, prompts)``: the model work for a stacked batch of prepared images.
+
+``score(images, prompts)`` does both. Models keep float32 weights; with a ``bfloat16`` or
+``float16`` runtime the towers run under ``torch.autocast`` and everything after them (the
+normalisation, cosine similarities and the small aesthetic heads) runs in float32; scores then
+differ from float32 by at most 2e-2 (CLIP score, HPS) and 5e-2 (aesthetic scores), as the tests
+check (BENCHMARKS.md has the measured differences). Each distinct prompt is encoded once per
+loaded scorer (``prompt_features``).
+
+The same classes load real weights (a hub id or a local directory) and the tiny / full-size
+random-weight models that ``build_tiny`` and ``build_random_full`` write, through the same path.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
@@ -35,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+MAX_CACHED_PROMPTS = 10_000  # prompt features kept per loaded scorer (a few KB each)
+
 
 def check_prompts(prompts: Sequence[str]) -> None:
     """Every prompt must be a non-empty string."""
@@ -53,6 +70,15 @@ def check_inputs(images: Sequence[PIL.Image.Image], prompts: Sequence[str]) -> N
         if not isinstance(image, PIL.Image.Image):
             raise ValueError(f"image {i}: expected a PIL image, got {type(image).__name__}")
     check_prompts(prompts)
+
+
+def check_pixels(pixels: torch.Tensor, count: int | None = None) -> None:
+    """A stacked batch of prepared images: (images, channels, height, width), floating point."""
+    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or not pixels.is_floating_point():
+        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"pixels: expected a float tensor (images, channels, height, width), got {shape}")
+    if count is not None and pixels.shape[0] != count:
+        raise ValueError(f"got {pixels.shape[0]} prepared images but {count} prompts; pass one prompt per image")
 
 
 def as_rgb(images: Sequence[PIL.Image.Image]) -> list[PIL.Image.Image]:
@@ -87,16 +113,28 @@ def hf_identity(location: str, filename: str = "config.json") -> ModelIdentity:
     return identify(location, resolved)
 
 
-def tensors_digest(state: dict[str, torch.Tensor], extra: dict | None = None) -> str:
-    """SHA-256 over named tensors (name, dtype, shape, bytes) and an optional JSON-able dict."""
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    t = tensor.detach().to("cpu").contiguous()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"").hexdigest()
+
+
+def tensors_digest(state: dict[str, torch.Tensor], extra: dict | None = None, *, workers: int = 8) -> str:
+    """SHA-256 over named tensors (name, dtype, shape, SHA-256 of the bytes) and an optional
+    JSON-able dict. Tensors are hashed in ``workers`` threads (hashlib releases the GIL)."""
+    names = sorted(state)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="digest") as pool:
+        hashes = list(pool.map(lambda name: _tensor_sha256(state[name]), names))
     h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for name, tensor_hash in zip(names, hashes):
+        t = state[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{tensor_hash}|".encode())
     if extra is not None:
         h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class Scorer(abc.ABC):
@@ -109,11 +147,15 @@ class Scorer(abc.ABC):
     title: ClassVar[str]  # human name used in messages
     higher_is_better: ClassVar[bool] = True
     bounds: ClassVar[tuple[float | None, float | None]] = (None, None)
+    # Rough peak activation memory of one image in a reduced-precision forward pass; sizes
+    # batches to the free memory of a CUDA device (``images.device_batch_size``).
+    activation_bytes_per_image: ClassVar[int] = 64 << 20
 
     def __init__(self, identity: ModelIdentity, runtime: Runtime) -> None:
         self.identity = identity
         self.runtime = runtime
         self._closed = False
+        self._prompt_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
     @abc.abstractmethod
@@ -125,20 +167,73 @@ class Scorer(abc.ABC):
         """Validate ``location`` (hub id or existing path) and return it normalised."""
         return check_location(cls.title, location, cls.setting)
 
+    # -- scoring ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def prepare(self, image: PIL.Image.Image) -> torch.Tensor:
+        """One image as the model's float32 input tensor (channels, height, width) on the CPU.
+
+        Thread-safe and free of model work: ``images.score_paths`` calls it from worker threads.
+        """
+
     def score(self, images: Sequence[PIL.Image.Image], prompts: Sequence[str]) -> np.ndarray:
         """Score one batch: ``images[i]`` against ``prompts[i]``."""
         check_inputs(images, prompts)
-        if self._closed:
-            raise RuntimeError(f"{self.title} scorer was closed")
+        self._check_open()
         if not images:
             return np.empty(0, dtype=np.float64)
+        return self.score_prepared(torch.stack([self.prepare(im) for im in as_rgb(images)]), prompts)
+
+    def score_prepared(self, pixels: torch.Tensor, prompts: Sequence[str]) -> np.ndarray:
+        """Score a stacked batch of ``prepare`` outputs: ``pixels[i]`` against ``prompts[i]``."""
+        check_pixels(pixels, len(prompts))
+        check_prompts(prompts)
+        self._check_open()
+        if not len(prompts):
+            return np.empty(0, dtype=np.float64)
         with torch.inference_mode():
-            values = self._score(as_rgb(images), list(prompts))
+            values = self._score_pixels(self._to_device(pixels), list(prompts))
         return values.detach().to("cpu", torch.float64).numpy()
 
     @abc.abstractmethod
-    def _score(self, images: list[PIL.Image.Image], prompts: list[str]) -> torch.Tensor:
-        """One score per image, any float dtype, any device."""
+    def _score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """One score per image (pixels already on the device), any float dtype, any device."""
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def prompt_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised float32 prompt features, one row per prompt, on the model's device.
+
+        Each distinct prompt is encoded once while the scorer is loaded: a sweep has a few
+        prompts and many images.
+        """
+        self._check_open()
+        cache = self._prompt_cache
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            if len(cache) + len(missing) > MAX_CACHED_PROMPTS:
+                cache.clear()
+            check_prompts(missing)
+            with torch.inference_mode():
+                features = self._encode_prompts(missing)
+            cache.update(zip(missing, features))
+        return torch.stack([cache[p] for p in prompts])
+
+    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """L2-normalised float32 features of distinct prompts (metrics that use the prompt)."""
+        raise NotImplementedError(f"{self.title} does not use the prompt")
+
+    # -- runtime helpers -------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Reduced-precision autocast for the model towers when the runtime asks for it."""
+        if self.runtime.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.runtime.device.type, dtype=self.runtime.dtype)
+
+    def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.to(self.runtime.device, torch.float32, non_blocking=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.title} scorer was closed")
 
     def columns(self) -> dict[str, str]:
         """Provenance columns for rows this scorer produced."""
@@ -149,6 +244,7 @@ class Scorer(abc.ABC):
         if self._closed:
             return
         self._release()
+        self._prompt_cache.clear()
         self._closed = True
         free_memory(self.runtime.device)
 
@@ -177,25 +273,63 @@ class ImageEmbedder(abc.ABC):
     """A scorer built on the CLIP ViT-L/14 image tower.
 
     Scorers whose ``vision_digest`` is equal compute identical image embeddings, so a caller can
-    compute ``image_embeddings`` once and hand them to ``score_from_embeddings`` of the others.
+    compute ``image_embeddings`` once and hand them to ``score_from_embeddings`` of the others
+    (``lib/scoring.py`` keeps them per sweep on disk for exactly that).
     """
 
     @property
     @abc.abstractmethod
     def vision_digest(self) -> str:
-        """SHA-256 over the image tower's tensors (as loaded) and the image preprocessing settings."""
+        """SHA-256 over the image tower's tensors (as loaded), the image preprocessing settings
+        and the compute dtype: what decides the embedding of an image file."""
 
     @abc.abstractmethod
+    def prepare(self, image: PIL.Image.Image) -> torch.Tensor:
+        """One image as the image tower's float32 input (see ``Scorer.prepare``)."""
+
+    @abc.abstractmethod
+    def embed_prepared(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised projected image embeddings of a stacked batch of ``prepare`` outputs;
+        float32, on the CPU, one row per image."""
+
     def image_embeddings(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
-        """L2-normalised projected image embeddings, float32, one row per image."""
+        """L2-normalised projected image embeddings, float32 on the CPU, one row per image."""
+        for i, image in enumerate(images):
+            if not isinstance(image, PIL.Image.Image):
+                raise ValueError(f"image {i}: expected a PIL image, got {type(image).__name__}")
+        if not images:
+            raise ValueError("image_embeddings: no images")
+        return self.embed_prepared(torch.stack([self.prepare(im) for im in as_rgb(images)]))
+
+    @abc.abstractmethod
+    def score_from_embeddings(self, embeddings: torch.Tensor | np.ndarray,
+                              prompts: Sequence[str] | None = None) -> np.ndarray:
+        """Scores (float64) from L2-normalised embeddings of a scorer with an equal ``vision_digest``.
+
+        Only the cheap part runs: the prompt side for CLIP score, the head for the aesthetic
+        predictors (which ignore ``prompts``).
+        """
+
+
+def as_embeddings(embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Validate a (images x dims) embedding matrix and return it as a float32 tensor."""
+    if isinstance(embeddings, np.ndarray):
+        embeddings = torch.from_numpy(embeddings)
+    if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
+        shape = tuple(embeddings.shape) if hasattr(embeddings, "shape") else type(embeddings).__name__
+        raise ValueError(f"embeddings: expected a 2-D tensor (images x dims), got shape {shape}")
+    return embeddings.float()
 
 
 __all__ = [
     "ImageEmbedder",
     "MissingWeightsError",
     "Scorer",
+    "as_embeddings",
     "check_inputs",
+    "check_pixels",
     "check_prompts",
+    "dtype_name",
     "hf_call",
     "hf_identity",
     "prompt_index",

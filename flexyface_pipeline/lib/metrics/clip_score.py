@@ -2,7 +2,7 @@
 
 Same quantity as torchmetrics' ``CLIPScore`` divided by 100 (so it lies in [0, 1]), computed
 with transformers' ``CLIPModel`` and ``CLIPProcessor`` (``openai/clip-vit-large-patch14`` by
-default). The model is loaded once; each distinct prompt of a batch is encoded once.
+default). The model is loaded once; each distinct prompt is encoded once per loaded scorer.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from flexyface_pipeline.lib.metrics.base import (
     ImageEmbedder,
     Scorer,
-    as_rgb,
+    as_embeddings,
+    check_prompts,
+    dtype_name,
     hf_call,
     hf_identity,
     prompt_index,
@@ -43,17 +46,19 @@ def preprocessing_settings(image_processor: CLIPImageProcessor) -> dict:
     return {k: v for k, v in settings.items() if k not in _PROCESSOR_META_KEYS}
 
 
-def vision_tower_digest(model: torch.nn.Module, image_processor: CLIPImageProcessor) -> str:
-    """Digest of a CLIP image tower (``vision_model.*``, ``visual_projection.*``) and its preprocessing."""
+def vision_tower_digest(model: torch.nn.Module, image_processor: CLIPImageProcessor, compute_dtype: torch.dtype) -> str:
+    """Digest of a CLIP image tower (``vision_model.*``, ``visual_projection.*``), its
+    preprocessing and the dtype it computes in."""
     state = {k: v for k, v in model.state_dict().items() if k.startswith(VISION_PREFIXES)}
-    return tensors_digest(state, preprocessing_settings(image_processor))
+    extra = {"preprocessing": preprocessing_settings(image_processor), "compute_dtype": dtype_name(compute_dtype)}
+    return tensors_digest(state, extra)
 
 
-def pixel_values(
-    image_processor: CLIPImageProcessor, images: Sequence[PIL.Image.Image], runtime: Runtime
-) -> torch.Tensor:
-    batch = image_processor(images=as_rgb(images), return_tensors="pt")
-    return batch["pixel_values"].to(runtime.device, runtime.dtype)
+def prepare_image(image_processor: CLIPImageProcessor, image: PIL.Image.Image) -> torch.Tensor:
+    """One image through the CLIP image processor: float32 (3, size, size) on the CPU."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image_processor(images=[image], return_tensors="pt")["pixel_values"][0].float()
 
 
 class ClipScorer(Scorer, ImageEmbedder):
@@ -65,6 +70,7 @@ class ClipScorer(Scorer, ImageEmbedder):
     setting: ClassVar[str] = "FLEXYFACE_CLIP_MODEL"
     title: ClassVar[str] = "CLIP score model"
     bounds: ClassVar[tuple[float | None, float | None]] = (0.0, 1.0)
+    activation_bytes_per_image: ClassVar[int] = 32 << 20
 
     def __init__(self, model: CLIPModel, processor: CLIPProcessor, identity: ModelIdentity, runtime: Runtime) -> None:
         super().__init__(identity, runtime)
@@ -78,39 +84,70 @@ class ClipScorer(Scorer, ImageEmbedder):
         from transformers import CLIPModel, CLIPProcessor
 
         logger.info("loading %s from %s on %s (%s)", cls.title, location, runtime.device, runtime.dtype)
+        # float32 weights; a reduced-precision runtime runs the towers under autocast.
         model = hf_call(cls.title, location, cls.setting, lambda: CLIPModel.from_pretrained(
-            location, dtype=runtime.dtype, local_files_only=offline))
+            location, dtype=torch.float32, local_files_only=offline))
         processor = hf_call(cls.title, location, cls.setting, lambda: CLIPProcessor.from_pretrained(
             location, local_files_only=offline))
-        model.to(runtime.device).eval()
-        return cls(model, processor, hf_identity(location), runtime)
+        model.eval()
+        scorer = cls(model, processor, hf_identity(location), runtime)
+        _ = scorer.vision_digest  # hashed on the CPU, before the move to the device
+        model.to(runtime.device)
+        return scorer
 
     @cached_property
     def vision_digest(self) -> str:
-        return vision_tower_digest(self.model, self.processor.image_processor)
+        return vision_tower_digest(self.model, self.processor.image_processor, self.runtime.dtype)
 
-    def image_embeddings(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
-        with torch.inference_mode():
-            pixels = pixel_values(self.processor.image_processor, images, self.runtime)
+    def prepare(self, image: PIL.Image.Image) -> torch.Tensor:
+        return prepare_image(self.processor.image_processor, image)
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
             features = self.model.get_image_features(pixel_values=pixels).pooler_output
-            return F.normalize(features.float(), dim=-1)
+        return F.normalize(features.float(), dim=-1)
 
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised projected prompt embeddings (prompts longer than 77 tokens are truncated)."""
-        tokens = self.processor.tokenizer(list(prompts), padding=True, truncation=True,
+    def embed_prepared(self, pixels: torch.Tensor) -> torch.Tensor:
+        self._check_open()
+        with torch.inference_mode():
+            return self._embed(self._to_device(pixels)).to("cpu")
+
+    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.processor.tokenizer(prompts, padding=True, truncation=True,
                                           max_length=self._max_length, return_tensors="pt")
         if tokens["input_ids"].shape[1] >= self._max_length:
             logger.debug("some prompts reached CLIP's %d-token limit and were truncated", self._max_length)
         tokens = {k: v.to(self.runtime.device) for k, v in tokens.items()}
-        with torch.inference_mode():
+        with self._autocast():
             features = self.model.get_text_features(**tokens).pooler_output
-            return F.normalize(features.float(), dim=-1)
+        return F.normalize(features.float(), dim=-1)
 
-    def _score(self, images: list[PIL.Image.Image], prompts: list[str]) -> torch.Tensor:
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised projected prompt embeddings (prompts longer than 77 tokens are truncated)."""
+        check_prompts(prompts)
+        return self.prompt_features(prompts)
+
+    def _from_embeddings(self, image_emb: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         distinct, index = prompt_index(prompts)
-        image_emb = self.image_embeddings(images)
-        text_emb = self.text_embeddings(distinct)[index.to(image_emb.device)]
+        text_emb = self.prompt_features(distinct)[index.to(image_emb.device)]
         return (image_emb * text_emb).sum(dim=-1).clamp(min=0.0)
+
+    def _score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self._from_embeddings(self._embed(pixels), prompts)
+
+    def score_from_embeddings(self, embeddings: torch.Tensor | np.ndarray,
+                              prompts: Sequence[str] | None = None) -> np.ndarray:
+        self._check_open()
+        embeddings = as_embeddings(embeddings)
+        if prompts is None or len(prompts) != embeddings.shape[0]:
+            got = "no prompts" if prompts is None else f"{len(prompts)} prompts"
+            raise ValueError(f"{self.title}: got {embeddings.shape[0]} embeddings but {got}; pass one prompt per image")
+        check_prompts(prompts)
+        if not len(prompts):
+            return np.empty(0, dtype=np.float64)
+        with torch.inference_mode():
+            values = self._from_embeddings(embeddings.to(self.runtime.device), list(prompts))
+        return values.to("cpu", torch.float64).numpy()
 
     def _release(self) -> None:
         del self.model, self.processor
