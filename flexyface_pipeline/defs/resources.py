@@ -47,7 +47,7 @@ class ModelResource(dg.ConfigurableResource):
     # Images per diffusers call (same step count). 0: 4 on CUDA, 1 on CPU, where batching gains
     # nothing (benchmarks/bench_generation.py: batch 4 was 17 % slower than 1 on the tiny model).
     generation_batch_size: int = 0
-    scoring_batch_size: int = 16
+    scoring_batch_size: int = 0  # images per scoring batch; 0: sized to the device (16 on CPU)
     realvis_xl_model: str = "SG161222/RealVisXL_V5.0"
     clip_model: str = "openai/clip-vit-large-patch14"
     aesthetic_v1_model: str = "shunk031/aesthetics-predictor-v1-vit-large-patch14"
@@ -69,8 +69,8 @@ class ModelResource(dg.ConfigurableResource):
         """Check the settings without loading anything."""
         if self.profile not in PROFILES:
             raise ValueError(f"profile: expected one of {list(PROFILES)}, got {self.profile!r}")
-        if self.generation_batch_size < 0 or self.scoring_batch_size < 1:
-            raise ValueError("generation_batch_size must be >= 0 (0: automatic) and scoring_batch_size >= 1")
+        if self.generation_batch_size < 0 or self.scoring_batch_size < 0:
+            raise ValueError("generation_batch_size and scoring_batch_size must be >= 0 (0: automatic)")
         self._runtime = resolve_runtime(self.device, self.dtype, self.tf32)
 
     @property
