@@ -80,7 +80,7 @@ def _markdown_table(df: pd.DataFrame, limit: int = 10) -> str:
 )
 def sweep_parameters(context: dg.AssetExecutionContext, config: SweepConfig, storage: StorageResource) -> dg.MaterializeResult:
     store = storage.store()
-    rows = 0
+    tables = []
     for sweep in context.partition_keys:
         spec = resolve_spec(config, sweep, store)
         previous = store.read_spec_dict(sweep)
@@ -89,11 +89,12 @@ def sweep_parameters(context: dg.AssetExecutionContext, config: SweepConfig, sto
         params = sample_parameters(spec)
         store.write_spec(spec)
         path = store.write_table("parameters", sweep, params)
-        rows += len(params)
+        tables.append(params)
         context.log.info("sweep %s: %d images, %d prompts -> %s", sweep, len(params), len(spec.prompts), path)
+    params = pd.concat(tables, ignore_index=True)
     return dg.MaterializeResult(
         metadata={
-            "num_images": dg.MetadataValue.int(rows),
+            "num_images": dg.MetadataValue.int(len(params)),
             "sweeps": dg.MetadataValue.text(", ".join(context.partition_keys)),
             "steps_range": dg.MetadataValue.text(f"{int(params['steps'].min())}–{int(params['steps'].max())}"),
             "guidance_range": dg.MetadataValue.text(f"{params['guidance'].min():.2f}–{params['guidance'].max():.2f}"),
