@@ -16,7 +16,6 @@ from flexyface_pipeline.lib.config import METRICS
 from flexyface_pipeline.lib.export import EXPORT_COLUMNS
 from flexyface_pipeline.lib.generation import generate_sweep, read_png_record
 from flexyface_pipeline.lib.store import SweepStore
-from flexyface_pipeline_tests.conftest import REPO
 from flexyface_pipeline_tests.helpers import file_hashes, run_sweep, tiny_defs, tiny_resources
 
 ASSET_KEYS = {
@@ -88,7 +87,7 @@ def test_whole_graph_materializes_and_exports(data_dir, tiny_models_dir, dagster
     assert len(sheets) == 4  # one per prompt
 
 
-def test_rescoring_one_metric_touches_only_its_table(data_dir, tiny_models_dir, dagster_home):
+def test_rescoring_one_metric_touches_only_its_table(data_dir, tiny_models_dir, dagster_home, tmp_path):
     """The documented CLI line re-scores HPS alone; images and other score tables keep their bytes."""
     defs = tiny_defs(data_dir, tiny_models_dir)
     with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
@@ -104,7 +103,8 @@ def test_rescoring_one_metric_touches_only_its_table(data_dir, tiny_models_dir, 
                                                                               "AESTHETIC_V2", "HPS_V2")}
     cmd = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "flexyface_pipeline.definitions",
            "--select", "hps_v2_scores", "--partition", "r1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # cwd: not the repository, whose .env (written by make) would override these variables
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = file_hashes(data_dir / "images") | file_hashes(data_dir / "sweeps")
     assert set(before) == set(after)
