@@ -109,6 +109,18 @@ class _AestheticScorer(Scorer, ImageEmbedder):
     def _release(self) -> None:
         del self.model, self.image_processor
 
+    @classmethod
+    def build_tiny(cls, directory: Path) -> None:
+        from flexyface_pipeline.lib.models.scorer_builders import build_tiny_aesthetic
+
+        build_tiny_aesthetic(directory, cls.predictor_class)
+
+    @classmethod
+    def build_random_full(cls, directory: Path) -> None:
+        from flexyface_pipeline.lib.models.scorer_builders import build_random_full_aesthetic
+
+        build_random_full_aesthetic(directory, cls.predictor_class)
+
 
 class AestheticV1Scorer(_AestheticScorer):
     """LAION aesthetic predictor v1 (``sa_0_4_vit_l_14_linear``), roughly 1-10."""
@@ -121,18 +133,6 @@ class AestheticV1Scorer(_AestheticScorer):
     predictor_class: ClassVar[str] = "AestheticsPredictorV1"
     head_attribute: ClassVar[str] = "predictor"
 
-    @classmethod
-    def build_tiny(cls, directory: Path) -> None:
-        from flexyface_pipeline.lib.models.scorer_builders import build_tiny_aesthetic
-
-        build_tiny_aesthetic(directory, cls.predictor_class)
-
-    @classmethod
-    def build_random_full(cls, directory: Path) -> None:
-        from flexyface_pipeline.lib.models.scorer_builders import build_random_full_aesthetic
-
-        build_random_full_aesthetic(directory, cls.predictor_class)
-
 
 class AestheticV2Scorer(_AestheticScorer):
     """Improved aesthetic predictor v2, "sac+logos+ava1-l14-linearMSE" head, roughly 1-10."""
@@ -144,15 +144,3 @@ class AestheticV2Scorer(_AestheticScorer):
     title: ClassVar[str] = "improved aesthetic predictor v2 (linearMSE)"
     predictor_class: ClassVar[str] = "AestheticsPredictorV2Linear"
     head_attribute: ClassVar[str] = "layers"
-
-    @classmethod
-    def build_tiny(cls, directory: Path) -> None:
-        from flexyface_pipeline.lib.models.scorer_builders import build_tiny_aesthetic
-
-        build_tiny_aesthetic(directory, cls.predictor_class)
-
-    @classmethod
-    def build_random_full(cls, directory: Path) -> None:
-        from flexyface_pipeline.lib.models.scorer_builders import build_random_full_aesthetic
-
-        build_random_full_aesthetic(directory, cls.predictor_class)
