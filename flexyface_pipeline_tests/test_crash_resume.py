@@ -26,8 +26,7 @@ from flexyface_pipeline.lib.export import SCORE_TABLES
 from flexyface_pipeline.lib.generation import IDENTITY_FIELDS, read_png_record, verify_image
 from flexyface_pipeline.lib.metrics import get_scorer
 from flexyface_pipeline.lib.store import SweepStore
-from flexyface_pipeline_tests.helpers import tiny_resources
-from flexyface_pipeline_tests.test_gpu_pool import BIN, REPO, link_instance, project_env
+from flexyface_pipeline_tests.helpers import BIN, REPO, link_instance, project_env, tiny_resources
 
 SWEEP = "crash"
 NUM_IMAGES = 12

@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,41 +29,21 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from dagster._core.events import DagsterEventType
-from dotenv import dotenv_values
 
-from flexyface_pipeline_tests.helpers import sweep_run_config, tiny_defs
+from flexyface_pipeline_tests.helpers import (
+    BIN,
+    REPO,
+    link_instance,
+    project_env,
+    sweep_run_config,
+    tiny_defs,
+    torch_threads,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MODULE = "flexyface_pipeline.definitions"
 GPU_ASSETS = frozenset({"generated_images", "clip_scores", "aesthetic_scores", "aes_v2_scores", "hps_v2_scores"})
 BLOCKED = "blocked by limit for pool gpu"  # "Step blocked ...", "Step still blocked ..."
 STEP_EVENTS = {DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE}
-
-
-def project_env(home: Path, data_dir: Path, models_dir: Path) -> dict[str, str]:
-    """The environment of a process of the code location: every setting of ``.env.example``,
-    with this test's instance, data and tiny models."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXYFACE_", "DAGSTER_"))}
-    env.update({k: v for k, v in dotenv_values(REPO / ".env.example").items() if v is not None})
-    env.update(
-        DAGSTER_HOME=str(home),
-        FLEXYFACE_DATA_DIR=str(data_dir),
-        FLEXYFACE_MODELS_DIR=str(models_dir),
-        FLEXYFACE_MODEL_PROFILE="tiny",
-        FLEXYFACE_DEVICE="cpu",
-        # Several run processes share the CPU cores: one thread each keeps them from oversubscribing.
-        OMP_NUM_THREADS="1",
-    )
-    assert not [k for k, v in env.items() if "@@REPO@@" in v]
-    return env
-
-
-def link_instance(home: Path) -> Path:
-    """A DAGSTER_HOME whose dagster.yaml links to the repository's, as ``make instance`` makes it."""
-    home.mkdir(parents=True)
-    (home / "dagster.yaml").symlink_to(REPO / "dagster.yaml")
-    return home
 
 
 @dataclass(frozen=True)
@@ -76,19 +55,6 @@ class Project:
 
     def instance(self) -> contextlib.AbstractContextManager[dg.DagsterInstance]:
         return dg.DagsterInstance.from_config(str(self.home))
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run torch on ``count`` threads inside the block (run processes started meanwhile share the cores)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ from dagster_postgres.event_log import PostgresEventLogStorage
 from dagster_postgres.run_storage import PostgresRunStorage
 
 from flexyface_pipeline.defs.jobs import sweep_selection
-from flexyface_pipeline_tests.helpers import run_sweep, tiny_defs
+from flexyface_pipeline_tests.helpers import run_sweep, tiny_defs, torch_threads
 from flexyface_pipeline_tests.pg import open_instance, postgres_dagster_home, require_postgres
-from flexyface_pipeline_tests.test_gpu_pool import torch_threads
 
 SWEEP = "pg-sweep"
 NUM_IMAGES = 4
