@@ -11,8 +11,8 @@ Steps, each timed:
 4. the reference per-image way (``benchmarks/bench_scoring.py``) on the first
    ``--reference-images`` (default 20), extrapolated to all images for the ratio;
 5. unless ``--no-sdxl``: the SDXL engine (``lib/engines``) built with random full-size weights,
-   loaded, and timed generating ``--sdxl-images`` at 512x512 with ``--sdxl-steps`` steps and
-   classifier-free guidance. Utilisation counts only UNet work: 1.59 TFLOP per UNet call for one
+   loaded, and our ``generate_sweep`` timed making ``--sdxl-images`` PNGs at 512x512 with
+   ``--sdxl-steps`` steps and classifier-free guidance, batches sized as in a sweep. Utilisation counts only UNet work: 1.59 TFLOP per UNet call for one
    512x512 image (1.59 * (side/512)^2 elsewhere), two calls per step with guidance > 1; text
    encoders, VAE decoding and the scheduler are in the time but not in the FLOPs, so it is a
    lower bound. Peak: dense bf16 989 TFLOP/s (H100 SXM, H200), 756 (H100 PCIe).
@@ -61,10 +61,16 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def bench_sdxl(models_dir: Path, runtime: Runtime, *, tiny: bool, images: int, steps: int, size: int,
-               guidance: float, batch_size: int) -> dict:
-    """Build (once), load and time the SDXL engine; UNet TFLOP/s and utilisation."""
+def bench_sdxl(models_dir: Path, work_dir: Path, runtime: Runtime, *, tiny: bool, images: int, steps: int,
+               size: int, guidance: float, batch_size: int | None) -> dict:
+    """Build (once), load and time our generation path (``generate_sweep``: batches, per-image
+    seeds and guidance, PNGs written atomically in background threads); UNet TFLOP/s and
+    utilisation. ``batch_size`` None: the engine sizes batches to the free memory."""
+    import pandas as pd
+
     from flexyface_pipeline.lib.engines import ImageRequest, get_engine
+    from flexyface_pipeline.lib.generation import generate_sweep
+    from flexyface_pipeline.lib.store import SweepStore
 
     engine_cls = get_engine("realvis_xl")
     target = models_dir / "realvis_xl"
@@ -77,15 +83,20 @@ def bench_sdxl(models_dir: Path, runtime: Runtime, *, tiny: bool, images: int, s
     started = time.perf_counter()
     engine = engine_cls.load(str(target), runtime, offline=True)
     load_s = time.perf_counter() - started
+    parameters = pd.DataFrame(
+        [{"sweep": "sdxl", "image_id": f"sdxl-{i:04d}", "prompt": PROMPTS[i % len(PROMPTS)], "steps": steps,
+          "guidance": guidance, "seed": i, "width": size, "height": size, "engine": engine_cls.name}
+         for i in range(images)]
+    )
+    store_dir = work_dir / "sdxl-images"
+    shutil.rmtree(store_dir, ignore_errors=True)
     try:
-        requests = [ImageRequest(image_id=f"sdxl-{i:04d}", prompt=PROMPTS[i % len(PROMPTS)], steps=steps,
-                                 guidance=guidance, seed=i, width=size, height=size) for i in range(images)]
-        batches = engine_cls.plan_batches(requests, batch_size)
-        engine.generate(batches[0][:1])  # warm-up: kernels, cuDNN/cuBLAS heuristics (not timed)
+        warm = parameters.iloc[0]
+        engine.generate([ImageRequest(image_id="warm-up", prompt=warm["prompt"], steps=steps, guidance=guidance,
+                                      seed=0, width=size, height=size)])  # kernels, cuBLAS/cuDNN heuristics
         _sync(runtime)
         started = time.perf_counter()
-        for batch in batches:
-            engine.generate(batch)
+        report = generate_sweep(parameters, SweepStore(store_dir), lambda: engine, batch_size=batch_size)
         _sync(runtime)
         generate_s = time.perf_counter() - started
     finally:
@@ -93,7 +104,8 @@ def bench_sdxl(models_dir: Path, runtime: Runtime, *, tiny: bool, images: int, s
         free_memory(runtime.device)
     calls_per_step = 2 if guidance > 1 else 1
     unet_tflop = images * steps * calls_per_step * UNET_TFLOP_512 * (size / 512) ** 2
-    result = {"images": images, "steps": steps, "size": size, "guidance": guidance, "batch_size": batch_size,
+    result = {"images": images, "steps": steps, "size": size, "guidance": guidance,
+              "batch_sizes": sorted(set(report.table["batch_size"].tolist())),
               "load_s": load_s, "generate_s": generate_s, "images_per_s": images / generate_s,
               "unet_calls": images * steps * calls_per_step, "unet_tflop": unet_tflop,
               "unet_tflops_achieved": unet_tflop / generate_s}
@@ -120,9 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="ours: default sized to the device")
     parser.add_argument("--workers", type=int, default=None, help="ours: preprocessing threads (default: cores)")
     parser.add_argument("--no-sdxl", action="store_true", help="skip the SDXL generation step")
-    parser.add_argument("--sdxl-images", type=int, default=None, help="default 16; smoke 2")
+    parser.add_argument("--sdxl-images", type=int, default=None, help="default 32; smoke 2")
     parser.add_argument("--sdxl-steps", type=int, default=None, help="default 20; smoke 2")
-    parser.add_argument("--sdxl-batch-size", type=int, default=8)
+    parser.add_argument("--sdxl-batch-size", type=int, default=None,
+                        help="images per pipeline call (default: sized to the device, as in a sweep)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke
@@ -162,11 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = format_report(result["scoring"], images, reference_images, title)
 
     if not args.no_sdxl:
-        sdxl = bench_sdxl(models_dir, runtime, tiny=smoke, images=args.sdxl_images or (2 if smoke else 16),
+        sdxl = bench_sdxl(models_dir, args.work_dir, runtime, tiny=smoke,
+                          images=args.sdxl_images or (2 if smoke else 32),
                           steps=args.sdxl_steps or (2 if smoke else 20), size=size, guidance=5.0,
                           batch_size=args.sdxl_batch_size)
         result["sdxl"] = sdxl
-        line = (f"SDXL {sdxl['size']}x{sdxl['size']}, {sdxl['steps']} steps, CFG: {sdxl['images']} images in "
+        line = (f"SDXL {sdxl['size']}x{sdxl['size']}, {sdxl['steps']} steps, CFG, batches of "
+                f"{'/'.join(map(str, sdxl['batch_sizes']))}: {sdxl['images']} images in "
                 f"{sdxl['generate_s']:.2f} s ({sdxl['images_per_s']:.2f} images/s, load {sdxl['load_s']:.1f} s); "
                 f"UNet {sdxl['unet_tflops_achieved']:.1f} TFLOP/s")
         if "utilisation" in sdxl:

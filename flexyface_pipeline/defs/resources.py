@@ -44,8 +44,9 @@ class ModelResource(dg.ConfigurableResource):
     offline: bool = False
     compile_unet: bool = False
     models_dir: str = ""  # where random-weight profiles are built; empty: <data_dir>/models
-    # Images per diffusers call (same step count). 0: 4 on CUDA, 1 on CPU, where batching gains
-    # nothing (benchmarks/bench_generation.py: batch 4 was 17 % slower than 1 on the tiny model).
+    # Images per diffusers call (same step count). 0: automatic, per image size: 1 on CPU, where
+    # batching gains nothing (benchmarks/bench_generation.py: batch 4 was 17 % slower than 1 on the
+    # tiny model); on CUDA what fits in half the free memory, at most 16 (Engine.batch_size_for).
     generation_batch_size: int = 0
     scoring_batch_size: int = 0  # images per scoring batch; 0: sized to the device (16 on CPU)
     realvis_xl_model: str = "SG161222/RealVisXL_V5.0"
@@ -81,10 +82,9 @@ class ModelResource(dg.ConfigurableResource):
         return self._runtime
 
     @property
-    def generation_batch(self) -> int:
-        if self.generation_batch_size:
-            return self.generation_batch_size
-        return 4 if self.runtime.is_cuda else 1
+    def generation_batch(self) -> int | None:
+        """Images per diffusers call, or None: the engine sizes batches to the device and image size."""
+        return self.generation_batch_size or None
 
     @property
     def is_offline(self) -> bool:

@@ -11,16 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 from PIL import Image, PngImagePlugin
 
 from flexyface_pipeline.lib.atomic import atomic_path
 from flexyface_pipeline.lib.engines.base import Engine, ImageRequest
+from flexyface_pipeline.lib.models.common import free_memory
 from flexyface_pipeline.lib.store import SweepStore
 
 logger = logging.getLogger(__name__)
@@ -84,6 +87,17 @@ def write_png(path: Path, image: Image.Image, record: dict) -> Path:
     return path
 
 
+def _generate_fitting(engine: Engine, batch: list[ImageRequest]) -> list[Image.Image] | None:
+    """The batch's images, or None if CUDA ran out of memory on a batch of more than one image
+    (returning, not raising, releases the failed call's tensors along with its traceback)."""
+    try:
+        return engine.generate(batch)
+    except torch.cuda.OutOfMemoryError:
+        if len(batch) == 1:
+            raise
+        return None
+
+
 @dataclass
 class GenerationReport:
     table: pd.DataFrame
@@ -97,15 +111,21 @@ def generate_sweep(
     store: SweepStore,
     engine_factory: Callable[[], Engine],
     *,
-    batch_size: int,
+    batch_size: int | None,
     log: logging.Logger | None = None,
     after_batch: Callable[[int], None] | None = None,
 ) -> GenerationReport:
     """Generate every missing image of ``parameters`` (one sweep) and return the images table.
 
-    ``engine_factory`` is called only if at least one image is missing. ``elapsed_ms`` of an image is
-    the wall time of the pipeline call that produced its batch divided by the batch's size (PNG
-    encoding excluded: it runs in a background thread).
+    ``engine_factory`` is called only if at least one image is missing. ``batch_size`` is the
+    number of images per pipeline call; None lets the engine size batches to the device
+    (``Engine.batch_size_for``). A CUDA out-of-memory error halves the batch size for the rest
+    of the sweep and retries.
+
+    A batch's PNGs are encoded and written by background threads while the next batch generates;
+    a batch counts as finished (progress log, ``after_batch``) once its files are on disk.
+    ``elapsed_ms`` of an image is the wall time of the pipeline call that produced its batch
+    divided by the batch's size: text encoding, denoising and VAE decoding, not PNG encoding.
     """
     log = log or logger
     start = time.perf_counter()
@@ -126,32 +146,50 @@ def generate_sweep(
 
     if todo:
         engine = engine_factory()
-        requests = {
-            r["image_id"]: (
-                r,
-                ImageRequest(
-                    image_id=r["image_id"],
-                    prompt=r["prompt"],
-                    steps=int(r["steps"]),
-                    guidance=float(r["guidance"]),
-                    seed=int(r["seed"]),
-                    width=int(r["width"]),
-                    height=int(r["height"]),
-                ),
-            )
+        rows_by_id = {r["image_id"]: r for r in todo}
+        requests = [
+            ImageRequest(image_id=r["image_id"], prompt=r["prompt"], steps=int(r["steps"]),
+                         guidance=float(r["guidance"]), seed=int(r["seed"]), width=int(r["width"]),
+                         height=int(r["height"]))
             for r in todo
-        }
-        batches = engine.plan_batches([req for _, req in requests.values()], batch_size)
+        ]
+        size_of = batch_size or (lambda r: engine.batch_size_for(r.width, r.height))
+        queue = deque(engine.plan_batches(requests, size_of))
         identity = engine.identity
-        pending: list[Future] = []
+        limit: int | None = None  # largest batch that fits, once an out-of-memory error said so
         finished = 0
+        writing: tuple[list[Future], list[ImageRequest], float] | None = None
+
+        def settle(written: tuple[list[Future], list[ImageRequest], float]) -> None:
+            nonlocal finished
+            futures, batch, per_image_ms = written
+            for future in futures:
+                future.result()
+            finished += len(batch)
+            log.info("generated %d/%d images (steps=%d, batch of %d, %.0f ms/image)",
+                     finished, len(todo), batch[0].steps, len(batch), per_image_ms)
+            if after_batch is not None:
+                after_batch(finished)
+
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="png") as writer:
-            for batch in batches:
+            while queue:
+                batch = queue.popleft()
+                if limit is not None and len(batch) > limit:
+                    queue.extendleft(reversed([batch[i : i + limit] for i in range(0, len(batch), limit)]))
+                    continue
                 t0 = time.perf_counter()
-                images = engine.generate(batch)
+                images = _generate_fitting(engine, batch)
+                if images is None:
+                    limit = len(batch) // 2
+                    queue.appendleft(batch)
+                    free_memory(engine.runtime.device)
+                    log.warning("CUDA out of memory generating %d images; retrying with batches of %d",
+                                len(batch), limit)
+                    continue
                 per_image_ms = (time.perf_counter() - t0) * 1000.0 / len(batch)
+                futures = []
                 for req, image in zip(batch, images, strict=True):
-                    row = requests[req.image_id][0]
+                    row = rows_by_id[req.image_id]
                     record = _row_identity(row) | {
                         "elapsed_ms": round(per_image_ms, 3),
                         "batch_size": len(batch),
@@ -159,17 +197,14 @@ def generate_sweep(
                         "engine_model_revision": identity.revision,
                     }
                     path = store.image_path(row["sweep"], row["image_id"])
-                    pending.append(writer.submit(write_png, path, image, record))
+                    futures.append(writer.submit(write_png, path, image, record))
                     done[req.image_id] = record
-                # A batch counts as finished once its files are on disk.
-                for fut in pending:
-                    fut.result()
-                pending.clear()
-                finished += len(batch)
-                log.info("generated %d/%d images (steps=%d, batch of %d, %.0f ms/image)",
-                         finished, len(todo), batch[0].steps, len(batch), per_image_ms)
-                if after_batch is not None:
-                    after_batch(finished)
+                # The previous batch's files were written while this one generated.
+                if writing is not None:
+                    settle(writing)
+                writing = (futures, batch, per_image_ms)
+            if writing is not None:
+                settle(writing)
 
     table = pd.DataFrame(
         [

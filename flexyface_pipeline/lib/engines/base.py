@@ -9,22 +9,30 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import PIL.Image
 
-from flexyface_pipeline.lib.models.common import ModelIdentity, Runtime
+from flexyface_pipeline.lib.models.common import ModelIdentity, Runtime, device_batch_size
 
 MAX_SEED = 2**63
+MAX_CUDA_BATCH = 16  # images per call at most when the size is automatic
 
 
 def _whole_number(name: str, value: object) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise ValueError(f"{name}: expected an integer, got {value!r}")
     return int(value)  # type: ignore[arg-type]
+
+
+def _batch_size(value: object) -> int:
+    size = _whole_number("max_batch", value)
+    if size < 1:
+        raise ValueError(f"max_batch must be at least 1, got {size}")
+    return size
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,10 @@ class Engine(abc.ABC):
     default_model: ClassVar[str]  # hub id of the weights used when nothing else is configured
     setting: ClassVar[str]  # environment variable that points the engine at other weights
 
+    # Rough peak activation memory of one image of 1024x1024 in one pipeline call (guidance
+    # included, reduced precision); scales with the pixel count. Sizes automatic batches on CUDA.
+    activation_bytes_per_megapixel: ClassVar[int] = 4 << 30
+
     identity: ModelIdentity  # what produced the images: hub id or path, and revision
     runtime: Runtime
 
@@ -102,24 +114,41 @@ class Engine(abc.ABC):
     def build_random_full(cls, directory: Path) -> None:
         """Write the full-size architecture with random weights, for timing and memory checks."""
 
+    def batch_size_for(self, width: int, height: int) -> int:
+        """Images per call at this size when the run does not fix it: 1 on a CPU, where a batch
+        is no faster than its images one by one; on CUDA as many as fit in half the free memory,
+        at most ``MAX_CUDA_BATCH`` (512x512 on an 80 GB card: 16)."""
+        per_image = self.activation_bytes_per_megapixel * width * height // (1024 * 1024)
+        return device_batch_size(self.runtime, per_image, cpu=1, most=MAX_CUDA_BATCH)
+
     @classmethod
     def batch_key(cls, request: ImageRequest) -> Hashable:
         """Requests with equal keys may share a batch. Engines widen this to what one call must share."""
         return (request.steps, request.width, request.height)
 
     @classmethod
-    def plan_batches(cls, requests: Sequence[ImageRequest], max_batch: int) -> list[list[ImageRequest]]:
-        """Group requests that may share a batch, in order of first appearance, in chunks of ``max_batch``.
+    def plan_batches(
+        cls, requests: Sequence[ImageRequest], max_batch: int | Callable[[ImageRequest], int]
+    ) -> list[list[ImageRequest]]:
+        """Group requests that may share a batch, in order of first appearance, in chunks of
+        ``max_batch`` (a number, or a function of a group's first request, such as
+        ``lambda r: engine.batch_size_for(r.width, r.height)``).
 
         A class method: a run can plan (and count) its batches before any weights load.
         """
-        max_batch = _whole_number("max_batch", max_batch)
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if callable(max_batch):
+            size_of = max_batch
+        else:
+            fixed = _batch_size(max_batch)
+            size_of = lambda _request: fixed  # noqa: E731
         groups: dict[Hashable, list[ImageRequest]] = {}
         for request in requests:
             groups.setdefault(cls.batch_key(request), []).append(request)
-        return [group[i : i + max_batch] for group in groups.values() for i in range(0, len(group), max_batch)]
+        batches = []
+        for group in groups.values():
+            size = _batch_size(size_of(group[0]))
+            batches += [group[i : i + size] for i in range(0, len(group), size)]
+        return batches
 
     def __enter__(self) -> Engine:
         return self

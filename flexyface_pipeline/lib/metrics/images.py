@@ -26,6 +26,7 @@ import PIL.Image
 import torch
 
 from flexyface_pipeline.lib.metrics.base import ImageEmbedder, Scorer, check_prompts
+from flexyface_pipeline.lib.models import common
 from flexyface_pipeline.lib.models.common import Runtime
 
 logger = logging.getLogger(__name__)
@@ -59,12 +60,9 @@ def default_workers() -> int:
 
 
 def device_batch_size(runtime: Runtime, bytes_per_image: int) -> int:
-    """A batch size for ``runtime``: 16 on a CPU; on a CUDA device as many images as fit in half
-    of its free memory at ``bytes_per_image``, between 1 and 256."""
-    if not runtime.is_cuda:
-        return CPU_BATCH_SIZE
-    free, _ = torch.cuda.mem_get_info(runtime.device)
-    return int(max(1, min(MAX_CUDA_BATCH_SIZE, free // 2 // max(1, bytes_per_image))))
+    """A scoring batch size for ``runtime``: 16 on a CPU; on a CUDA device as many images as fit
+    in half of its free memory at ``bytes_per_image``, between 1 and 256."""
+    return common.device_batch_size(runtime, bytes_per_image, cpu=CPU_BATCH_SIZE, most=MAX_CUDA_BATCH_SIZE)
 
 
 def _read_prepared(path: Path, prepare: Prepare) -> tuple[torch.Tensor, str]:

@@ -63,6 +63,15 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto", tf32: bool = True
     return Runtime(device=dev, dtype=dt)
 
 
+def device_batch_size(runtime: Runtime, bytes_per_image: int, *, cpu: int, most: int) -> int:
+    """Images per batch on ``runtime``: ``cpu`` on a CPU; on a CUDA device as many as fit in half
+    of its free memory at ``bytes_per_image``, between 1 and ``most``."""
+    if not runtime.is_cuda:
+        return cpu
+    free, _ = torch.cuda.mem_get_info(runtime.device)
+    return int(max(1, min(most, free // 2 // max(1, bytes_per_image))))
+
+
 def free_memory(device: torch.device | None = None) -> None:
     """Collect garbage and hand cached CUDA memory back, as between two metrics."""
     gc.collect()

@@ -1,0 +1,147 @@
+"""generate_sweep on the tiny SDXL: batch sizing, out-of-memory halving, PNG writes beside the
+next batch, progress counted only for files on disk."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flexyface_pipeline.lib import generation
+from flexyface_pipeline.lib.config import build_sweep_spec
+from flexyface_pipeline.lib.engines.base import MAX_CUDA_BATCH
+from flexyface_pipeline.lib.generation import generate_sweep, read_png_record
+from flexyface_pipeline.lib.sampling import sample_parameters
+from flexyface_pipeline.lib.store import SweepStore
+from flexyface_pipeline_tests.helpers import tiny_resources
+
+NUM_IMAGES = 7
+
+
+@pytest.fixture
+def models(data_dir, tiny_models_dir):
+    models = tiny_resources(data_dir, tiny_models_dir)["models"]
+    yield models
+    models.release()
+
+
+def _parameters(data_dir, sweep: str = "gen"):
+    # One step count and guidance > 1 everywhere: all images may share a batch.
+    spec = build_sweep_spec(sweep=sweep, num_images=NUM_IMAGES, steps_min=4, steps_max=4, guidance_min=2.0,
+                            guidance_max=8.0, width=64, height=64, prompt_files=["demo.txt"],
+                            prompts_dir=data_dir / "prompts", base_seed=3)
+    return sample_parameters(spec)
+
+
+class _Recording:
+    """The tiny engine, recording each batch it is asked for; runs out of CUDA memory on batches
+    larger than ``fits`` (as a GPU would), and sets ``started[k]`` when call k begins."""
+
+    def __init__(self, engine, fits: int | None = None) -> None:
+        self.engine, self.fits = engine, fits
+        self.identity, self.runtime = engine.identity, engine.runtime
+        self.plan_batches, self.batch_size_for = engine.plan_batches, engine.batch_size_for
+        self.calls: list[list[str]] = []
+        self.started = [threading.Event() for _ in range(64)]
+
+    def generate(self, batch):
+        self.started[len(self.calls)].set()
+        self.calls.append([r.image_id for r in batch])
+        if self.fits is not None and len(batch) > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return self.engine.generate(batch)
+
+
+def _pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_automatic_batches_are_single_images_on_a_cpu(data_dir, tiny_models_dir) -> None:
+    models = tiny_resources(data_dir, tiny_models_dir, generation_batch_size=0)["models"]
+    assert models.generation_batch is None
+    engine = models.engine("realvis_xl")
+    assert engine.batch_size_for(512, 512) == 1
+    assert MAX_CUDA_BATCH == 16
+    recording = _Recording(engine)
+    report = generate_sweep(_parameters(data_dir), SweepStore(data_dir), lambda: recording, batch_size=None)
+    assert [len(c) for c in recording.calls] == [1] * NUM_IMAGES
+    assert report.table["batch_size"].tolist() == [1] * NUM_IMAGES
+    models.release()
+
+
+def test_plan_batches_takes_a_size_per_group(models) -> None:
+    from flexyface_pipeline.lib.engines.base import ImageRequest
+
+    requests = [ImageRequest(image_id=f"i{n}", prompt="p", steps=4, guidance=3.0, seed=n, width=w, height=w)
+                for n, w in enumerate([64, 128, 64, 128, 64, 64, 128])]
+    plan = models.engine("realvis_xl").plan_batches(requests, lambda r: 3 if r.width == 64 else 2)
+    assert [[r.image_id for r in b] for b in plan] == [["i0", "i2", "i4"], ["i5"], ["i1", "i3"], ["i6"]]
+    with pytest.raises(ValueError, match="max_batch must be at least 1, got 0"):
+        models.engine("realvis_xl").plan_batches(requests, lambda r: 0)
+
+
+def test_out_of_memory_halves_the_batch_for_the_rest_of_the_sweep(models, data_dir, tmp_path, caplog) -> None:
+    params = _parameters(data_dir)
+    recording = _Recording(models.engine("realvis_xl"), fits=2)
+    with caplog.at_level(logging.WARNING):
+        report = generate_sweep(params, SweepStore(data_dir), lambda: recording, batch_size=7)
+    # 7 fails -> halved to 3, which fails -> 1; every later batch is cut to single images.
+    sizes = [len(c) for c in recording.calls]
+    assert sizes[:2] == [7, 3]
+    assert sizes[2:] == [1] * NUM_IMAGES
+    assert "CUDA out of memory generating 7 images; retrying with batches of 3" in caplog.text
+    assert "CUDA out of memory generating 3 images; retrying with batches of 1" in caplog.text
+    assert report.generated == NUM_IMAGES
+    assert report.table["batch_size"].tolist() == [1] * NUM_IMAGES
+    # Each image is what the unconstrained engine makes for it alone.
+    alone = SweepStore(tmp_path / "alone")
+    generate_sweep(params, alone, lambda: models.engine("realvis_xl"), batch_size=1)
+    for image_id in params["image_id"]:
+        got = SweepStore(data_dir).image_path("gen", image_id)
+        assert read_png_record(got)["batch_size"] == 1
+        assert np.array_equal(_pixels(got), _pixels(alone.image_path("gen", image_id))), image_id
+
+    # A single image that does not fit is an error, not an endless retry.
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        generate_sweep(_parameters(data_dir, "none"), SweepStore(data_dir),
+                       lambda: _Recording(models.engine("realvis_xl"), fits=0), batch_size=2)
+
+
+def test_out_of_memory_halving_keeps_batches_that_fit(models, data_dir) -> None:
+    recording = _Recording(models.engine("realvis_xl"), fits=3)
+    generate_sweep(_parameters(data_dir), SweepStore(data_dir), lambda: recording, batch_size=4)
+    # 4 fails -> halved to 2; the remaining planned batch of 3 is cut into 2 + 1.
+    assert [len(c) for c in recording.calls] == [4, 2, 2, 2, 1]
+    assert sorted(i for c in recording.calls[1:] for i in c) == sorted(_parameters(data_dir)["image_id"])
+
+
+def test_files_are_written_while_the_next_batch_generates(models, data_dir, monkeypatch) -> None:
+    """The PNGs of batch k are held until batch k + 1 has started: with writes on the critical
+    path this would stall (and fail after the timeout). Progress counts exactly the files on disk."""
+    params = _parameters(data_dir)
+    store = SweepStore(data_dir)
+    recording = _Recording(models.engine("realvis_xl"))
+    num_batches = -(-NUM_IMAGES // 2)
+    real_write = generation.write_png
+
+    def held_write(path, image, record):
+        k = next(n for n, call in enumerate(recording.calls) if path.stem in call)
+        if k + 1 < num_batches and not recording.started[k + 1].wait(timeout=60):
+            raise AssertionError(f"batch {k + 1} did not start while batch {k} was being written")
+        return real_write(path, image, record)
+
+    progress = []
+
+    def after_batch(finished: int) -> None:
+        progress.append((finished, len(list(store.images_dir("gen").glob("*.png")))))
+
+    monkeypatch.setattr(generation, "write_png", held_write)
+    report = generate_sweep(params, store, lambda: recording, batch_size=2, after_batch=after_batch)
+    assert [len(c) for c in recording.calls] == [2, 2, 2, 1]
+    assert progress == [(2, 2), (4, 4), (6, 6), (7, 7)]
+    assert report.generated == NUM_IMAGES
