@@ -54,7 +54,7 @@ import torch
 
 from flexyface_pipeline.lib.atomic import atomic_write_bytes
 from flexyface_pipeline.lib.metrics import SCORERS
-from flexyface_pipeline.lib.models.common import Runtime, free_memory, resolve_runtime
+from flexyface_pipeline.lib.models.common import DigestCache, Runtime, free_memory, resolve_runtime
 from flexyface_pipeline.lib.scoring import score_sweep
 from flexyface_pipeline.lib.store import SweepStore
 
@@ -173,15 +173,16 @@ def sweep_inputs(store: SweepStore, sweep: str = SWEEP) -> tuple[list[Path], lis
 
 # -- ours ----------------------------------------------------------------------------------------
 def ours_metric(metric: str, store: SweepStore, location: Path, runtime: Runtime, *, batch_size: int | None = None,
-                workers: int | None = None, sweep: str = SWEEP) -> Timing:
-    """``score_sweep`` for one metric; the model load (inside the factory) is timed apart."""
+                workers: int | None = None, sweep: str = SWEEP, digests: DigestCache | None = None) -> Timing:
+    """``score_sweep`` for one metric; the model load (inside the factory) is timed apart. Without
+    ``digests`` the load hashes every weight file, as the first load of new weights does."""
     timing = Timing()
     scorers = []
     clock = Clock()
 
     def factory():
         before = clock.lap()
-        scorers.append(SCORERS[metric].load(str(location), runtime, offline=True))
+        scorers.append(SCORERS[metric].load(str(location), runtime, offline=True, digests=digests))
         timing.load_s, timing.load_cpu_s = clock.lap()
         timing.score_s, timing.score_cpu_s = before  # the table reads before the load
         return scorers[-1]
@@ -206,10 +207,12 @@ def clear_embeddings(store: SweepStore, sweep: str = SWEEP) -> None:
 
 
 def run_ours(store: SweepStore, locations: dict[str, Path], runtime: Runtime, *, batch_size: int | None = None,
-             workers: int | None = None, metrics: Sequence[str] = METRICS, sweep: str = SWEEP) -> dict[str, Timing]:
+             workers: int | None = None, metrics: Sequence[str] = METRICS, sweep: str = SWEEP,
+             digests: DigestCache | None = None) -> dict[str, Timing]:
     """``score_sweep`` for each metric in order, from an empty embedding cache."""
     clear_embeddings(store, sweep)
-    return {m: ours_metric(m, store, locations[m], runtime, batch_size=batch_size, workers=workers, sweep=sweep)
+    return {m: ours_metric(m, store, locations[m], runtime, batch_size=batch_size, workers=workers, sweep=sweep,
+                           digests=digests)
             for m in metrics}
 
 

@@ -313,6 +313,64 @@ def test_identity_of_local_weights(tiny, tiny_dirs, metric) -> None:
                                 f"{prefix}_model_revision": scorer.identity.revision}
 
 
+def test_digest_cache_remembers_unchanged_files_only(tmp_path, monkeypatch) -> None:
+    from flexyface_pipeline.lib.models import common
+
+    weights = tmp_path / "weights"
+    (weights / "unet").mkdir(parents=True)
+    (weights / "unet" / "model.safetensors").write_bytes(b"u" * 1000)
+    (weights / "model.safetensors").write_bytes(b"m" * 1000)
+    (weights / "config.json").write_text("{}")  # not a weight file
+    expected = hashlib.sha256()
+    for rel, data in (("model.safetensors", b"m" * 1000), ("unet/model.safetensors", b"u" * 1000)):
+        expected.update(rel.encode() + hashlib.sha256(data).hexdigest().encode())
+    cache_file = tmp_path / "cache" / "digests.json"
+    digests = common.DigestCache(cache_file)
+    assert weights_digest(str(weights), digests) == expected.hexdigest() == weights_digest(str(weights))
+    stored = json.loads(cache_file.read_text())
+    assert sorted(stored.values()) == sorted([hashlib.sha256(b"m" * 1000).hexdigest(),
+                                              hashlib.sha256(b"u" * 1000).hexdigest()])
+
+    hashed = []
+    real_sha256_file = common.sha256_file
+    monkeypatch.setattr(common, "sha256_file", lambda path: hashed.append(path.name) or real_sha256_file(path))
+    # A new process (a new cache object) reads the file: nothing is hashed again.
+    assert weights_digest(str(weights), common.DigestCache(cache_file)) == expected.hexdigest()
+    assert hashed == []
+    # A changed file is hashed again (same size, new bytes), the unchanged one is not.
+    (weights / "model.safetensors").write_bytes(b"n" * 1000)
+    changed = weights_digest(str(weights), common.DigestCache(cache_file))
+    assert hashed == ["model.safetensors"] and changed != expected.hexdigest()
+    assert changed == weights_digest(str(weights))
+    # A damaged cache file costs only the hashing.
+    cache_file.write_text("{not json")
+    assert weights_digest(str(weights), common.DigestCache(cache_file)) == changed
+
+
+@pytest.mark.parametrize("metric", ["clip_score", "aesthetic_score"])
+def test_vision_digest_is_remembered_for_the_same_weights(tiny_dirs, tmp_path, monkeypatch, metric) -> None:
+    from flexyface_pipeline.lib.metrics import base as metrics_base
+    from flexyface_pipeline.lib.models.common import DigestCache
+
+    cls = SCORERS[metric]
+    cache_file = tmp_path / "digests.json"
+    first = cls.load(str(tiny_dirs[metric]), CPU, offline=True, digests=DigestCache(cache_file))
+    plain = cls.load(str(tiny_dirs[metric]), CPU, offline=True)
+    assert first.vision_digest == plain.vision_digest
+    assert first.identity == plain.identity
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("weights hashed again")
+
+    monkeypatch.setattr(metrics_base, "_tensor_sha256", no_hashing)
+    monkeypatch.setattr("flexyface_pipeline.lib.models.common.sha256_file", no_hashing)
+    again = cls.load(str(tiny_dirs[metric]), CPU, offline=True, digests=DigestCache(cache_file))
+    assert again.vision_digest == plain.vision_digest
+    assert again.identity == plain.identity
+    for scorer in (first, plain, again):
+        scorer.close()
+
+
 def test_tiny_models_are_written_in_the_real_formats(tiny_dirs) -> None:
     for metric in ("clip_score", "aesthetic_score", "aes_v2_score"):
         names = {p.name for p in tiny_dirs[metric].iterdir()}

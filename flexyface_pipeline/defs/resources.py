@@ -11,7 +11,7 @@ from typing import Any
 import dagster as dg
 from pydantic import PrivateAttr
 
-from flexyface_pipeline.lib.models.common import PROFILES, Runtime, free_memory, resolve_runtime
+from flexyface_pipeline.lib.models.common import PROFILES, DigestCache, Runtime, free_memory, resolve_runtime
 from flexyface_pipeline.lib.store import SweepStore
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,11 @@ class ModelResource(dg.ConfigurableResource):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    @property
+    def digests(self) -> DigestCache:
+        """Weight hashes remembered between runs (data/cache/model_digests.json)."""
+        return DigestCache(self.storage.store().root / "cache" / "model_digests.json")
+
     # -- the model slot ----------------------------------------------------------------------
     def _take(self, key: str, load: Any) -> Any:
         if self._slot_key == key and self._slot is not None:
@@ -150,7 +155,8 @@ class ModelResource(dg.ConfigurableResource):
 
         def load():
             location = self.location(name, cls)
-            return cls.load(location, self.runtime, offline=self.is_offline, compile=self.compile_unet)
+            return cls.load(location, self.runtime, offline=self.is_offline, compile=self.compile_unet,
+                            digests=self.digests)
 
         return self._take(f"engine:{name}", load)
 
@@ -162,7 +168,7 @@ class ModelResource(dg.ConfigurableResource):
 
         def load():
             location = self.location(metric, cls)
-            return cls.load(location, self.runtime, offline=self.is_offline)
+            return cls.load(location, self.runtime, offline=self.is_offline, digests=self.digests)
 
         return self._take(f"scorer:{metric}", load)
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import PIL.Image
 
-from flexyface_pipeline.lib.models.common import ModelIdentity, Runtime, device_batch_size
+from flexyface_pipeline.lib.models.common import DigestCache, ModelIdentity, Runtime, device_batch_size
 
 MAX_SEED = 2**63
 MAX_CUDA_BATCH = 16  # images per call at most when the size is automatic
@@ -93,8 +93,10 @@ class Engine(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, location: str, runtime: Runtime, *, offline: bool, compile: bool = False) -> Engine:
-        """Load weights from a hub id or a local directory; raise MissingWeightsError if absent."""
+    def load(cls, location: str, runtime: Runtime, *, offline: bool, compile: bool = False,
+             digests: DigestCache | None = None) -> Engine:
+        """Load weights from a hub id or a local directory; raise MissingWeightsError if absent.
+        ``digests`` remembers weight hashes between runs."""
 
     @abc.abstractmethod
     def generate(self, batch: Sequence[ImageRequest]) -> list[PIL.Image.Image]:

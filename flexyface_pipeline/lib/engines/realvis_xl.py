@@ -29,6 +29,7 @@ import torch
 
 from flexyface_pipeline.lib.engines.base import Engine, ImageRequest
 from flexyface_pipeline.lib.models.common import (
+    DigestCache,
     MissingWeightsError,
     ModelIdentity,
     Runtime,
@@ -131,7 +132,8 @@ class RealVisXLEngine(Engine):
     # -- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, location: str, runtime: Runtime, *, offline: bool, compile: bool = False) -> RealVisXLEngine:
+    def load(cls, location: str, runtime: Runtime, *, offline: bool, compile: bool = False,
+             digests: DigestCache | None = None) -> RealVisXLEngine:
         checked = check_location(cls.name, location, cls.setting)
         pipeline_class = _pipeline_class()
         if is_local(checked):
@@ -173,7 +175,7 @@ class RealVisXLEngine(Engine):
         pipeline.set_progress_bar_config(disable=True)
         if compile:
             pipeline.unet.compile()
-        identity = identify(location, resolved)
+        identity = identify(location, resolved, digests)
         logger.info(
             "%s: loaded %s (%s) on %s in %s (VAE %s) in %.1f s%s",
             cls.name, identity.model_id, identity.revision, runtime.device, runtime.dtype,

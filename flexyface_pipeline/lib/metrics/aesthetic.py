@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from flexyface_pipeline.lib.metrics.base import ImageEmbedder, Scorer, as_embeddings, hf_call, hf_identity
 from flexyface_pipeline.lib.metrics.clip_score import prepare_image, vision_tower_digest
-from flexyface_pipeline.lib.models.common import ModelIdentity, Runtime
+from flexyface_pipeline.lib.models.common import DigestCache, ModelIdentity, Runtime
 
 if TYPE_CHECKING:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -46,7 +46,8 @@ class _AestheticScorer(Scorer, ImageEmbedder):
         self.image_processor = image_processor
 
     @classmethod
-    def load(cls, location: str, runtime: Runtime, *, offline: bool) -> _AestheticScorer:
+    def load(cls, location: str, runtime: Runtime, *, offline: bool,
+             digests: DigestCache | None = None) -> _AestheticScorer:
         location = cls.check(location)
         import aesthetics_predictor
         from transformers import CLIPImageProcessor
@@ -61,8 +62,10 @@ class _AestheticScorer(Scorer, ImageEmbedder):
         image_processor = hf_call(cls.title, location, cls.setting, lambda: CLIPImageProcessor.from_pretrained(
             location, local_files_only=offline))
         model.eval()
-        scorer = cls(model, image_processor, hf_identity(location), runtime)
-        _ = scorer.vision_digest  # hashed on the CPU, before the move to the device
+        scorer = cls(model, image_processor, hf_identity(location, digests=digests), runtime)
+        # hashed on the CPU, before the move to the device
+        scorer.vision_digest = vision_tower_digest(model, image_processor, runtime.dtype,
+                                                   identity=scorer.identity, digests=digests)
         model.to(runtime.device)
         return scorer
 

@@ -36,6 +36,7 @@ import PIL.Image
 import torch
 
 from flexyface_pipeline.lib.models.common import (
+    DigestCache,
     MissingWeightsError,
     ModelIdentity,
     Runtime,
@@ -102,15 +103,15 @@ def hf_call(model: str, location: str, setting: str, load: Callable[[], T]) -> T
         raise missing_weights(model, location, setting, err) from err
 
 
-def hf_identity(location: str, filename: str = "config.json") -> ModelIdentity:
+def hf_identity(location: str, filename: str = "config.json", digests: DigestCache | None = None) -> ModelIdentity:
     """Identity of weights loaded with ``from_pretrained``: local path + digest, or hub id + commit."""
     if is_local(location):
-        return identify(location)
+        return identify(location, digests=digests)
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(location, filename)
     resolved = str(Path(cached).parent) if isinstance(cached, str) else None
-    return identify(location, resolved)
+    return identify(location, resolved, digests)
 
 
 def _tensor_sha256(tensor: torch.Tensor) -> str:
@@ -159,8 +160,9 @@ class Scorer(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, location: str, runtime: Runtime, *, offline: bool) -> Scorer:
-        """Load the model from a hub id or a local path (checked before anything loads)."""
+    def load(cls, location: str, runtime: Runtime, *, offline: bool, digests: DigestCache | None = None) -> Scorer:
+        """Load the model from a hub id or a local path (checked before anything loads);
+        ``digests`` remembers weight hashes between runs."""
 
     @classmethod
     def check(cls, location: str) -> str:

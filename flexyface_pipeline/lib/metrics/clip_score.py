@@ -7,6 +7,7 @@ default). The model is loaded once; each distinct prompt is encoded once per loa
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from functools import cached_property
@@ -29,7 +30,7 @@ from flexyface_pipeline.lib.metrics.base import (
     prompt_index,
     tensors_digest,
 )
-from flexyface_pipeline.lib.models.common import ModelIdentity, Runtime
+from flexyface_pipeline.lib.models.common import DigestCache, ModelIdentity, Runtime
 
 if TYPE_CHECKING:
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -46,12 +47,22 @@ def preprocessing_settings(image_processor: CLIPImageProcessor) -> dict:
     return {k: v for k, v in settings.items() if k not in _PROCESSOR_META_KEYS}
 
 
-def vision_tower_digest(model: torch.nn.Module, image_processor: CLIPImageProcessor, compute_dtype: torch.dtype) -> str:
+def vision_tower_digest(model: torch.nn.Module, image_processor: CLIPImageProcessor, compute_dtype: torch.dtype,
+                        *, identity: ModelIdentity | None = None, digests: DigestCache | None = None) -> str:
     """Digest of a CLIP image tower (``vision_model.*``, ``visual_projection.*``), its
-    preprocessing and the dtype it computes in."""
-    state = {k: v for k, v in model.state_dict().items() if k.startswith(VISION_PREFIXES)}
+    preprocessing and the dtype it computes in. With the ``identity`` of the weights it was
+    loaded from (a hub commit or a file digest), ``digests`` remembers it for the next load."""
     extra = {"preprocessing": preprocessing_settings(image_processor), "compute_dtype": dtype_name(compute_dtype)}
-    return tensors_digest(state, extra)
+
+    def compute() -> str:
+        state = {k: v for k, v in model.state_dict().items() if k.startswith(VISION_PREFIXES)}
+        return tensors_digest(state, extra)
+
+    if digests is None or identity is None or identity.revision == "unknown":
+        return compute()
+    key = "vision|" + json.dumps([type(model).__name__, identity.model_id, identity.revision, extra],
+                                 sort_keys=True, default=str)
+    return digests.remember(key, compute)
 
 
 def prepare_image(image_processor: CLIPImageProcessor, image: PIL.Image.Image) -> torch.Tensor:
@@ -79,7 +90,7 @@ class ClipScorer(Scorer, ImageEmbedder):
         self._max_length = int(model.config.text_config.max_position_embeddings)
 
     @classmethod
-    def load(cls, location: str, runtime: Runtime, *, offline: bool) -> ClipScorer:
+    def load(cls, location: str, runtime: Runtime, *, offline: bool, digests: DigestCache | None = None) -> ClipScorer:
         location = cls.check(location)
         from transformers import CLIPModel, CLIPProcessor
 
@@ -90,8 +101,10 @@ class ClipScorer(Scorer, ImageEmbedder):
         processor = hf_call(cls.title, location, cls.setting, lambda: CLIPProcessor.from_pretrained(
             location, local_files_only=offline))
         model.eval()
-        scorer = cls(model, processor, hf_identity(location), runtime)
-        _ = scorer.vision_digest  # hashed on the CPU, before the move to the device
+        scorer = cls(model, processor, hf_identity(location, digests=digests), runtime)
+        # hashed on the CPU, before the move to the device
+        scorer.vision_digest = vision_tower_digest(model, processor.image_processor, runtime.dtype,
+                                                   identity=scorer.identity, digests=digests)
         model.to(runtime.device)
         return scorer
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from flexyface_pipeline.lib.metrics.base import Scorer, prompt_index
 from flexyface_pipeline.lib.models.common import (
+    DigestCache,
     MissingWeightsError,
     ModelIdentity,
     Runtime,
@@ -68,13 +69,14 @@ def register_architecture(config_file: Path) -> str:
     return name
 
 
-def resolve_checkpoint(location: str, setting: str, *, offline: bool) -> tuple[str, Path, ModelIdentity]:
+def resolve_checkpoint(location: str, setting: str, *, offline: bool,
+                       digests: DigestCache | None = None) -> tuple[str, Path, ModelIdentity]:
     """(architecture name, checkpoint file, identity) for a hub id, a .pt file or a directory."""
     title = HpsV2Scorer.title
     if is_local(location):
         path = Path(location).expanduser().resolve()
         if path.is_file():
-            return HPS_ARCHITECTURE, path, identify(str(path))
+            return HPS_ARCHITECTURE, path, identify(str(path), digests=digests)
         info_file = path / MODEL_INFO
         if info_file.is_file():
             info = json.loads(info_file.read_text())
@@ -91,14 +93,14 @@ def resolve_checkpoint(location: str, setting: str, *, offline: bool) -> tuple[s
                 f"{title}: {checkpoint.name} not found in {path}; set {setting} to the HPS v2.1 checkpoint "
                 f"({HPS_CHECKPOINT}) or a directory holding it"
             )
-        return architecture, checkpoint, identify(str(path))
+        return architecture, checkpoint, identify(str(path), digests=digests)
     from huggingface_hub import hf_hub_download
 
     try:
         cached = hf_hub_download(location, HPS_CHECKPOINT, local_files_only=offline)
     except OSError as err:
         raise missing_weights(f"{title} ({HPS_CHECKPOINT})", location, setting, err) from err
-    found = identify(location, cached)
+    found = identify(location, cached, digests)
     return HPS_ARCHITECTURE, Path(cached), ModelIdentity(f"{location}/{HPS_CHECKPOINT}", found.revision)
 
 
@@ -123,9 +125,10 @@ class HpsV2Scorer(Scorer):
         self.architecture = architecture
 
     @classmethod
-    def load(cls, location: str, runtime: Runtime, *, offline: bool) -> HpsV2Scorer:
+    def load(cls, location: str, runtime: Runtime, *, offline: bool, digests: DigestCache | None = None) -> HpsV2Scorer:
         location = cls.check(location)
-        architecture, checkpoint, identity = resolve_checkpoint(location, cls.setting, offline=offline)
+        architecture, checkpoint, identity = resolve_checkpoint(location, cls.setting, offline=offline,
+                                                                digests=digests)
         open_clip = hpsv2_open_clip()
         # img_score.initialize_model's arguments, without the LAION backbone download: the v2.1
         # checkpoint holds every weight. fp32 weights; lower precision runs under autocast ("amp").

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import logging
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from flexyface_pipeline.lib.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -117,17 +122,81 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def weights_digest(location: str) -> str:
+class DigestCache:
+    """SHA-256 digests remembered across runs in one JSON file, so unchanged weights are not hashed
+    again at every load. A file's entry is keyed by its resolved path, size, inode and modification
+    and change times (any write gives a new key); a digest derived from loaded weights is keyed by
+    the identity of those weights. ``DigestCache(None)`` remembers nothing; an unreadable or
+    unwritable file only costs the hashing."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._entries: dict[str, str] | None = None
+
+    @staticmethod
+    def file_key(path: Path) -> str:
+        st = path.stat()
+        return f"file|{path.resolve()}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+    def _read(self) -> dict[str, str]:
+        if self.path is None:
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def get(self, key: str) -> str | None:
+        if self._entries is None:
+            self._entries = self._read()
+        return self._entries.get(key)
+
+    def put(self, entries: dict[str, str]) -> None:
+        if not entries:
+            return
+        if self._entries is None:
+            self._entries = self._read()
+        self._entries.update(entries)
+        if self.path is None:
+            return
+        merged = self._read() | self._entries  # keep what other processes added meanwhile
+        try:
+            atomic_write_bytes(self.path, json.dumps(merged, indent=1, sort_keys=True).encode())
+        except OSError as err:
+            logger.debug("cannot remember model digests in %s: %s", self.path, err)
+
+    def remember(self, key: str, compute: Callable[[], str]) -> str:
+        value = self.get(key)
+        if value is None:
+            value = compute()
+            self.put({key: value})
+        return value
+
+
+def weights_digest(location: str, digests: DigestCache | None = None) -> str:
     """SHA-256 identity of a local checkpoint: the file's hash, or for a directory the hash of the
-    sorted (relative path, file hash) list of its weight files."""
+    sorted (relative path, file hash) list of its weight files. Files are hashed in parallel
+    threads; ``digests`` remembers the hashes of unchanged files."""
+    digests = digests or DigestCache(None)
     path = Path(location)
-    if path.is_file():
-        return sha256_file(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    root_is_file = path.is_file()
+    files = [path] if root_is_file else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    keys = [DigestCache.file_key(f) for f in files]
+    known = {key: digests.get(key) for key in keys}
+    todo = [(f, key) for f, key in zip(files, keys) if known[key] is None]
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(8, len(todo)), thread_name_prefix="digest") as pool:
+            hashed = dict(zip((key for _, key in todo), pool.map(sha256_file, (f for f, _ in todo))))
+        digests.put(hashed)
+        known |= hashed
+    if root_is_file:
+        return known[keys[0]]
     h = hashlib.sha256()
-    for f in files:
+    for f, key in zip(files, keys):
         h.update(f.relative_to(path).as_posix().encode())
-        h.update(sha256_file(f).encode())
+        h.update(known[key].encode())
     return h.hexdigest()
 
 
@@ -152,11 +221,12 @@ class ModelIdentity:
         return {f"{prefix}_model": self.model_id, f"{prefix}_model_revision": self.revision}
 
 
-def identify(location: str, resolved_path: str | None = None) -> ModelIdentity:
+def identify(location: str, resolved_path: str | None = None, digests: DigestCache | None = None) -> ModelIdentity:
     """Identity of a model loaded from ``location`` (hub id or local path)."""
     if is_local(location):
-        return ModelIdentity(model_id=str(Path(location).resolve()), revision="sha256:" + weights_digest(location))
+        return ModelIdentity(model_id=str(Path(location).resolve()),
+                             revision="sha256:" + weights_digest(location, digests))
     rev = hub_revision(resolved_path) if resolved_path else None
     if rev is None and resolved_path and is_local(resolved_path):
-        return ModelIdentity(model_id=location, revision="sha256:" + weights_digest(resolved_path))
+        return ModelIdentity(model_id=location, revision="sha256:" + weights_digest(resolved_path, digests))
     return ModelIdentity(model_id=location, revision=rev or "unknown")
