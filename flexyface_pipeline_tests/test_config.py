@@ -33,6 +33,8 @@ def test_defaults_match_the_seed_ranges():
         ({"steps_min": 30, "steps_max": 10}, "steps", "inverted"),
         ({"guidance_min": 0.1}, "guidance", "outside the allowed range [0.5, 12.0]"),
         ({"guidance_min": 9.0, "guidance_max": 2.0}, "guidance", "inverted"),
+        ({"guidance_max": float("nan")}, "guidance", "finite"),
+        ({"guidance_min": float("-inf")}, "guidance", "finite"),
         ({"width": 500}, "width", "multiple of 8"),
         ({"height": 0}, "height", "outside"),
         ({"prompt_files": [], "prompts": []}, "prompts", "no prompt"),
@@ -83,3 +85,23 @@ def test_sampling_depends_on_name_and_seed():
     base = sample_parameters(spec())
     assert not base["seed"].equals(sample_parameters(spec(sweep="s2"))["seed"])
     assert not base["seed"].equals(sample_parameters(spec(base_seed=1))["seed"])
+
+
+def test_stored_settings_are_not_silently_mixed_with_new_ones(tmp_path):
+    import shutil
+
+    from flexyface_pipeline.defs.assets.sweep import SweepConfig, resolve_spec
+    from flexyface_pipeline.lib.store import SweepStore
+
+    store = SweepStore(tmp_path)
+    shutil.copytree(REPO_PROMPTS, store.prompts_dir)
+    first = SweepConfig(num_images=6, prompt_files=["demo.txt"], guidance_max=6.0).to_spec("kept", store)
+    store.write_spec(first)
+    # Without num_images the stored sweep is reused as it is...
+    assert resolve_spec(SweepConfig(), "kept", store) == first
+    # ...and other settings given without num_images are an error, not silently ignored.
+    with pytest.raises(SweepConfigError, match="guidance_max, width were set too") as err:
+        resolve_spec(SweepConfig(guidance_max=9.0, width=256), "kept", store)
+    assert err.value.field == "num_images"
+    with pytest.raises(SweepConfigError, match="sweep 'new' is new"):
+        resolve_spec(SweepConfig(), "new", store)

@@ -172,3 +172,32 @@ def test_resume_after_a_crash_regenerates_at_most_one_batch(data_dir, tiny_model
         a = np.asarray(Image.open(store.image_path("crash", name)))
         b = np.asarray(Image.open(clean.image_path("crash", name)))
         assert np.array_equal(a, b), name
+
+
+def test_redefining_a_sweep_drops_its_old_images_and_scores_tables(data_dir, tiny_models_dir, dagster_home):
+    from flexyface_pipeline.defs.assets.sweep import sweep_parameters
+    from flexyface_pipeline.lib.export import SCORE_TABLES
+    from flexyface_pipeline_tests.helpers import sweep_run_config
+
+    defs = tiny_defs(data_dir, tiny_models_dir)
+    store = SweepStore(data_dir)
+    derived = ["images"] + [table for table, _ in SCORE_TABLES.values()]
+    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
+        assert run_sweep(defs, instance, "r", 3).success
+        assert all(store.has_table(t, "r") for t in derived)
+        old = store.read_table("parameters", "r")
+        # New settings for the sweep, and nothing else run yet (as when a later step fails).
+        result = dg.materialize([sweep_parameters], partition_key="r", instance=instance,
+                                resources=tiny_resources(data_dir, tiny_models_dir),
+                                run_config=sweep_run_config(3, guidance_min=10.0, guidance_max=12.0))
+        assert result.success
+        assert not any(store.has_table(t, "r") for t in derived)
+        new = store.read_table("parameters", "r")
+        assert (new["guidance"] >= 10.0).all() and not new["guidance"].equals(old["guidance"])
+        # The next full run makes images and scores of the new rows.
+        assert run_sweep(defs, instance, "r", 3, guidance_min=10.0, guidance_max=12.0).success
+        assert defs.resolve_job_def("export_job").execute_in_process(instance=instance).success
+    df = pd.read_parquet(data_dir / "exports" / "sweep_results.parquet")
+    assert sorted(df["guidance"]) == sorted(new["guidance"])
+    for path in df["image_path"]:
+        assert read_png_record(data_dir / path)["guidance"] >= 10.0

@@ -6,6 +6,7 @@ that names the offending field.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ def validate_metrics(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _check_range(name: str, lo: float, hi: float, limits: tuple[float, float]) -> None:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise SweepConfigError(name, f"min and max must be finite numbers, got [{lo}, {hi}]")
     if lo > hi:
         raise SweepConfigError(name, f"the range is inverted: min {lo} > max {hi}")
     if lo < limits[0] or hi > limits[1]:

@@ -21,6 +21,7 @@ from flexyface_pipeline.lib.atomic import atomic_write_bytes, atomic_write_with
 from flexyface_pipeline.lib.config import SweepSpec, validate_sweep_name
 
 TABLES = ("parameters", "images", "clip_scores", "aesthetic_scores", "aes_v2_scores", "hps_v2_scores")
+DERIVED_TABLES = TABLES[1:]  # made from the parameters: stale once the parameters change
 
 
 class SweepStore:
@@ -84,6 +85,16 @@ class SweepStore:
 
     def write_table(self, table: str, sweep: str, df: pd.DataFrame) -> Path:
         return atomic_write_with(self.table_path(table, sweep), lambda tmp: df.to_parquet(tmp, index=False))
+
+    def drop_tables(self, sweep: str, tables: tuple[str, ...]) -> list[str]:
+        """Remove these tables of a sweep; returns the names of those that existed."""
+        dropped = []
+        for table in tables:
+            path = self.table_path(table, sweep)
+            if path.exists():
+                path.unlink()
+                dropped.append(table)
+        return dropped
 
     def has_table(self, table: str, sweep: str) -> bool:
         return self.table_path(table, sweep).is_file()

@@ -15,7 +15,7 @@ from flexyface_pipeline.lib.config import (
 from flexyface_pipeline.lib.checks import check_images_exist
 from flexyface_pipeline.lib.generation import generate_sweep
 from flexyface_pipeline.lib.sampling import sample_parameters
-from flexyface_pipeline.lib.store import SweepStore
+from flexyface_pipeline.lib.store import DERIVED_TABLES, SweepStore
 from flexyface_pipeline.defs.partitions import sweeps_partitions
 from flexyface_pipeline.defs.resources import ModelResource, StorageResource
 
@@ -60,6 +60,14 @@ def resolve_spec(config: SweepConfig, sweep: str, store: SweepStore) -> SweepSpe
     stored = store.read_spec_dict(sweep)
     if stored is None:
         raise SweepConfigError("num_images", f"sweep {sweep!r} is new: set num_images (and the other settings)")
+    defaults = SweepConfig()
+    changed = [name for name in type(config).model_fields if getattr(config, name) != getattr(defaults, name)]
+    if changed:
+        raise SweepConfigError(
+            "num_images",
+            f"without num_images sweep {sweep!r} keeps its stored settings, but {', '.join(changed)} "
+            "were set too; to redefine the sweep set num_images with them, or leave them out",
+        )
     stored["prompts"] = tuple(stored["prompts"])
     return SweepSpec(**stored)
 
@@ -84,9 +92,15 @@ def sweep_parameters(context: dg.AssetExecutionContext, config: SweepConfig, sto
     for sweep in context.partition_keys:
         spec = resolve_spec(config, sweep, store)
         previous = store.read_spec_dict(sweep)
-        if previous is not None and previous != spec.to_dict():
-            context.log.warning("sweep %s is redefined; images that no longer match their rows are regenerated", sweep)
         params = sample_parameters(spec)
+        if previous is not None and previous != spec.to_dict():
+            # The images and score tables describe the old rows: dropped before the new rows are
+            # written, so no export can join new settings to old images or scores.
+            dropped = store.drop_tables(sweep, DERIVED_TABLES)
+            context.log.warning(
+                "sweep %s is redefined: dropped its tables %s; images are verified against the new rows "
+                "(those that no longer match are generated again) and every metric is scored again",
+                sweep, ", ".join(dropped) or "(none yet)")
         store.write_spec(spec)
         path = store.write_table("parameters", sweep, params)
         tables.append(params)
