@@ -1,10 +1,19 @@
-"""Find runs whose process died (kill -9, OOM, power) and give their gpu slot back.
+"""Find runs of this machine whose process died (kill -9, OOM, power) and give their gpu slot back.
 
-A run executed in process (``flexyface``, ``dagster asset materialize``) that is killed stays
-"started" in the instance and keeps the ``gpu`` pool slot its step claimed, so every later GPU
-step would wait for it. Its events carry the pid of the process that ran it: if that process no
-longer exists on this machine, the run is marked failed and its slots are freed. Runs launched by
-the daemon are watched by the daemon's run monitoring instead.
+A run executed in process by ``flexyface`` that is killed stays "started" in the instance and keeps
+the ``gpu`` pool slot its step claimed, so every later GPU step would wait for it. ``flexyface``
+tags its runs with the host that runs them (``HOST_TAG``) and their events carry the pid of the
+process that ran them: if a run tagged with this host names a process that no longer exists here,
+the run is marked failed and its slots are freed.
+
+Runs without that tag (launched from the UI, by a schedule, sensor or backfill, or by
+``dagster asset materialize``) and runs tagged with another host are never touched: their process
+may be alive on another machine or container that shares the instance, and a pid means nothing
+outside the machine that issued it. Nothing recovers those automatically: the default run launcher
+has no health check, so the daemon's run monitoring does not notice that a started run's process
+died. Such a run stays "started" until it is terminated by hand (UI: Terminate, force); the daemon
+frees the pool slots of a finished run ``run_monitoring.free_slots_after_run_end_seconds`` after
+its end (deploy/README.md).
 """
 
 import logging
@@ -39,14 +48,16 @@ def _run_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
 
 
 def recover_dead_runs(instance: dg.DagsterInstance, log: logging.Logger | None = None) -> list[str]:
-    """Mark started runs of this machine whose process is gone as failed; free their pool slots."""
+    """Mark started runs tagged with this host whose process is gone as failed; free their pool slots.
+
+    Returns the ids of the runs marked failed.
+    """
     log = log or logger
     host = socket.gethostname()
     recovered = []
-    runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+    # Only runs `flexyface` started on this machine: any other run's pid means nothing here.
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED], tags={HOST_TAG: host}))
     for run in runs:
-        if run.tags.get(HOST_TAG) not in (None, host):
-            continue  # started on another machine: its pid means nothing here
         pid = _run_pid(instance, run.run_id)
         if pid is None or pid == os.getpid() or _alive(pid):
             continue
