@@ -9,6 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DAGSTER_HOME=/opt/dagster/home \
     FLEXYFACE_DATA_DIR=/opt/flexyface/data \
+    FLEXYFACE_MODELS_DIR=/opt/flexyface/data/models \
     HF_HOME=/opt/flexyface/hf-cache
 
 WORKDIR /opt/flexyface/app

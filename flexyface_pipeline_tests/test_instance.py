@@ -298,12 +298,52 @@ def test_docker_compose_file_is_valid(tmp_path):
     for name in ("code-server", "webserver", "daemon"):
         assert services[name]["environment"]["FLEXYFACE_PG_PASSWORD"] == "not-a-real-password"
         assert services[name]["environment"]["FLEXYFACE_PG_HOST"] == "postgres"
+    # The code server executes the runs: every variable the resources read has a non-empty value.
+    environment = services["code-server"]["environment"]
+    unset = sorted(name for name in _resource_env_vars() if not environment.get(name))
+    assert not unset, f"not set for code-server: {unset}"
+    assert environment["FLEXYFACE_MODELS_DIR"] == "/opt/flexyface/data/models"
 
     # Without a password compose refuses to render: no default secret is written anywhere.
     env_file.write_text("FLEXYFACE_PG_USER=flexyface\n")
     missing = subprocess.run([*base, "config", "-q"], env=env, capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0
     assert "FLEXYFACE_PG_PASSWORD" in missing.stderr
+
+
+def _resource_env_vars() -> set[str]:
+    """The names of the environment variables (dg.EnvVar) in the code location's resources."""
+    from flexyface_pipeline.definitions import env_resources
+
+    names: set[str] = set()
+
+    def walk(value) -> None:
+        if isinstance(value, dg.EnvVar):
+            names.add(value.env_var_name)
+        elif isinstance(value, dg.ConfigurableResource):
+            for field in type(value).model_fields:
+                walk(getattr(value, field))
+
+    for resource in env_resources().values():
+        walk(resource)
+    return names
+
+
+def test_compose_code_server_sets_every_variable_the_resources_read():
+    """Runs execute in the code server's container; an EnvVar unset there fails every run at launch."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    environment = compose["services"]["code-server"]["environment"]  # `<<:` merges resolved by the loader
+    read = _resource_env_vars()
+    assert {"FLEXYFACE_DATA_DIR", "FLEXYFACE_MODELS_DIR", "FLEXYFACE_MODEL_PROFILE", "FLEXYFACE_HPS_V2_MODEL"} <= read
+    assert not read - environment.keys(), f"not set for code-server: {sorted(read - environment.keys())}"
+    # Paths are the container's: the data directory is the ./data mount, the built models lie inside it.
+    data_mount = next(v.split(":")[1] for v in compose["services"]["code-server"]["volumes"] if v.startswith("./data:"))
+    assert environment["FLEXYFACE_DATA_DIR"] == data_mount
+    assert Path(environment["FLEXYFACE_MODELS_DIR"]).parent == Path(data_mount)
+    # The image sets the same paths for commands run in it outside compose.
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for name in ("FLEXYFACE_DATA_DIR", "FLEXYFACE_MODELS_DIR"):
+        assert f"{name}={environment[name]}" in dockerfile
 
 
 def test_docker_services_agree_on_the_code_server():
@@ -349,11 +389,5 @@ def test_env_example_documents_every_setting():
     interpolated = set(re.findall(r"\$\{([A-Z0-9_]+)", compose_text))
     assert interpolated <= values.keys(), interpolated - values.keys()
     # Every environment variable the code location reads (dg.EnvVar in its resources) is set here.
-    from flexyface_pipeline.definitions import env_resources
-
-    read = set()
-    for resource in env_resources().values():
-        for value in resource.__dict__.values():
-            if isinstance(value, dg.EnvVar):
-                read.add(value.env_var_name)
+    read = _resource_env_vars()
     assert read and read <= values.keys(), read - values.keys()
