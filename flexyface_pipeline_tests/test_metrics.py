@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,17 @@ from flexyface_pipeline.lib.metrics import (
     get_scorer,
     score_paths,
 )
+from flexyface_pipeline.lib.metrics import base as metrics_base
+from flexyface_pipeline.lib.metrics.aesthetic import import_aesthetics_predictor
+from flexyface_pipeline.lib.metrics.clip_score import preprocessing_settings, vision_tower_digest
 from flexyface_pipeline.lib.metrics.images import default_workers, device_batch_size, embed_paths
-from flexyface_pipeline.lib.models.common import MissingWeightsError, resolve_runtime, weights_digest
+from flexyface_pipeline.lib.models.common import (
+    DigestCache,
+    MissingWeightsError,
+    Runtime,
+    resolve_runtime,
+    weights_digest,
+)
 from flexyface_pipeline.lib.models.scorer_builders import model_directory
 
 CPU = resolve_runtime("cpu", "fp32")
@@ -214,6 +224,86 @@ def test_vision_digest_follows_weights_preprocessing_and_dtype(tiny, tiny_dirs, 
     scorer.close()
 
 
+def _edit_config(directory: Path, **changes) -> None:
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(changes)
+    config_file.write_text(json.dumps(config))
+
+
+def test_vision_digest_follows_the_vision_config(tiny, tiny_dirs, tmp_path) -> None:
+    reference = tiny["aesthetic_score"].vision_digest
+    # Settings that change the embedding without changing a tensor's shape: other digests.
+    seen = {reference}
+    for name, value in (("layer_norm_eps", 1e-3), ("num_attention_heads", 2), ("hidden_act", "gelu")):
+        changed = tmp_path / name
+        shutil.copytree(tiny_dirs["aesthetic_score"], changed)
+        _edit_config(changed, **{name: value})
+        scorer = AestheticV1Scorer.load(str(changed), CPU, offline=True)
+        assert getattr(scorer.model.vision_model.config, name) == value
+        seen.add(scorer.vision_digest)
+        scorer.close()
+    assert len(seen) == 4
+    # Names and leftovers of other transformers versions that the image tower does not read
+    # keep the digest: the real CLIP model and the predictors still share their embeddings.
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_dirs["aesthetic_score"], renamed)
+    _edit_config(renamed, _name_or_path="openai/clip-vit-large-patch14", transformers_version="4.30.2",
+                 torch_dtype="float32", dropout=0.0, add_cross_attention=False)
+    scorer = AestheticV1Scorer.load(str(renamed), CPU, offline=True)
+    assert scorer.vision_digest == reference == tiny["clip_score"].vision_digest
+    scorer.close()
+
+
+def test_remembered_vision_digest_follows_the_vision_config(tiny_dirs, tmp_path) -> None:
+    # The same weight files at the same place (one identity), another config.json: the digest
+    # remembered for the first load must not be handed to the second.
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dirs["aesthetic_score"], model_dir)
+    digests = DigestCache(tmp_path / "digests.json")
+    first = AestheticV1Scorer.load(str(model_dir), CPU, offline=True, digests=digests)
+    _edit_config(model_dir, layer_norm_eps=1e-3)
+    second = AestheticV1Scorer.load(str(model_dir), CPU, offline=True, digests=DigestCache(tmp_path / "digests.json"))
+    plain = AestheticV1Scorer.load(str(model_dir), CPU, offline=True)
+    assert second.identity == first.identity
+    assert second.vision_digest == plain.vision_digest != first.vision_digest
+    for scorer in (first, second, plain):
+        scorer.close()
+
+
+def test_vision_digest_follows_the_image_processor_class_and_tf32(tiny, tmp_path) -> None:
+    from transformers import CLIPImageProcessor
+
+    scorer = tiny["aesthetic_score"]
+    model, processor = scorer.model, scorer.image_processor
+
+    class OtherImageProcessor(CLIPImageProcessor):
+        pass
+
+    other = OtherImageProcessor(**processor.to_dict())
+    assert preprocessing_settings(other) == preprocessing_settings(processor)  # only the class differs
+    assert vision_tower_digest(model, other, CPU) != vision_tower_digest(model, processor, CPU) == scorer.vision_digest
+
+    # Only the flags are read (the model stays where it is), so a CUDA runtime can be described
+    # without a GPU.
+    cuda = Runtime(torch.device("cuda"), torch.float32)
+    digests = DigestCache(tmp_path / "digests.json")
+    by_flag = {}
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allowed in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = allowed
+            by_flag[allowed] = vision_tower_digest(model, processor, cuda)
+            # remembered under a key that holds the flag
+            remembered = vision_tower_digest(model, processor, cuda, identity=scorer.identity, digests=digests)
+            assert remembered == by_flag[allowed]
+            assert vision_tower_digest(model, processor, CPU) == scorer.vision_digest
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert by_flag[True] != by_flag[False]
+    assert scorer.vision_digest not in by_flag.values()
+
+
 def test_score_paths_equals_direct_scoring(tiny, images, tmp_path) -> None:
     paths = []
     for i, image in enumerate(images):
@@ -296,6 +386,42 @@ def test_missing_local_weights(metric, tmp_path) -> None:
     cls = SCORERS[metric]
     with pytest.raises(MissingWeightsError, match=f"local path .* does not exist; set {cls.setting}"):
         cls.load(str(tmp_path / "nowhere"), CPU, offline=True)
+
+
+def test_aesthetic_load_refuses_a_checkpoint_without_its_head(tiny, tiny_dirs, images) -> None:
+    # The v1 predictor (one Linear head) loaded as v2 (five Linear layers): the v2 head is not
+    # in the checkpoint and would be drawn at random.
+    with pytest.raises(MissingWeightsError) as info:
+        AestheticV2Scorer.load(str(tiny_dirs["aesthetic_score"]), CPU, offline=True)
+    message = str(info.value)
+    assert AestheticV2Scorer.title in message and str(tiny_dirs["aesthetic_score"]) in message
+    assert "layers.0.weight" in message and "layers.7.bias" in message and AestheticV2Scorer.setting in message
+    # A plain CLIP checkpoint has the image tower but no predictor head.
+    with pytest.raises(MissingWeightsError,
+                       match=r"LAION aesthetic predictor v1: .*predictor\.bias, predictor\.weight"):
+        AestheticV1Scorer.load(str(tiny_dirs["clip_score"]), CPU, offline=True)
+    # Each predictor's own checkpoint loads.
+    for metric in ("aesthetic_score", "aes_v2_score"):
+        scorer = SCORERS[metric].load(str(tiny_dirs[metric]), CPU, offline=True)
+        np.testing.assert_array_equal(scorer.score(images, PROMPTS), tiny[metric].score(images, PROMPTS))
+        scorer.close()
+
+
+def test_importing_the_predictors_keeps_the_transformers_verbosity(monkeypatch) -> None:
+    from transformers.utils import logging as hf_logging
+
+    # A first import, as in a fresh process: the package's modules run again.
+    for name in [m for m in sys.modules if m == "aesthetics_predictor" or m.startswith("aesthetics_predictor.")]:
+        monkeypatch.delitem(sys.modules, name)
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(hf_logging.INFO)
+    try:
+        module = import_aesthetics_predictor()
+        assert "aesthetics_predictor.v1" in sys.modules  # the module did run
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+        assert module.AestheticsPredictorV1.__name__ == AestheticV1Scorer.predictor_class
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def test_hps_directory_without_checkpoint(tmp_path) -> None:
@@ -450,6 +576,57 @@ def test_each_distinct_prompt_is_encoded_once(tiny_dirs, images, tmp_path, metri
     assert sorted(encoded) == sorted(set(PROMPTS))  # nothing encoded a second time
     np.testing.assert_allclose(again[::-1], first, atol=1e-6, rtol=0)
     scorer.close()
+
+
+def test_prompt_cache_over_its_limit_keeps_every_requested_prompt(tiny_dirs, monkeypatch) -> None:
+    monkeypatch.setattr(metrics_base, "MAX_CACHED_PROMPTS", 3)
+    scorer = ClipScorer.load(str(tiny_dirs["clip_score"]), CPU, offline=True)
+    encoded: list[str] = []
+    encode = scorer._encode_prompts
+
+    def counting(prompts):
+        encoded.extend(prompts)
+        return encode(prompts)
+
+    scorer._encode_prompts = counting
+    with torch.inference_mode():
+        alone = {p: encode([p])[0] for p in ("a", "b", "c", "d", "e", "f", "g")}
+
+    def check(prompts):
+        got = scorer.prompt_features(prompts)
+        torch.testing.assert_close(got, torch.stack([alone[p] for p in prompts]), atol=1e-6, rtol=0)
+        assert len(scorer._prompt_cache) <= 3
+
+    check(["a", "b", "c"])
+    check(["a", "d"])  # "a" was cached before the cache had to make room
+    assert encoded == ["a", "b", "c", "d"]
+    check(["c", "a", "d"])  # the three most recently requested are kept
+    assert encoded == ["a", "b", "c", "d"]
+    check(["b"])  # the oldest one made room
+    assert encoded == ["a", "b", "c", "d", "b"]
+    check(["d", "e", "f", "g", "d"])  # more distinct prompts than the cache holds
+    assert encoded == ["a", "b", "c", "d", "b", "e", "f", "g"]
+    scorer.close()
+
+
+def test_prompts_are_encoded_in_bounded_batches(tiny_dirs, images, monkeypatch) -> None:
+    prompts = ["a red cat", "a dog on a sofa, photographed from above in warm evening light", "a blue sky",
+               "portrait of a woman, oil painting", "x"]
+    unchunked = ClipScorer.load(str(tiny_dirs["clip_score"]), CPU, offline=True)
+    embeddings = unchunked.image_embeddings(images)
+    expected = unchunked.score_from_embeddings(embeddings, prompts)
+
+    monkeypatch.setattr(metrics_base, "PROMPT_BATCH", 2)
+    chunked = ClipScorer.load(str(tiny_dirs["clip_score"]), CPU, offline=True)
+    batches: list[int] = []
+    encode = chunked._encode_prompts
+    chunked._encode_prompts = lambda chunk: batches.append(len(chunk)) or encode(chunk)
+    got = chunked.score_from_embeddings(embeddings, prompts)
+    assert batches == [2, 2, 1]
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    assert got.max() - got.min() > 1e-3
+    for scorer in (unchunked, chunked):
+        scorer.close()
 
 
 @pytest.mark.parametrize("metric", list(SCORERS))

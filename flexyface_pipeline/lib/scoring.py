@@ -10,8 +10,8 @@ through the sweep's directory: a scorer that is an ``ImageEmbedder`` looks for
 
 and computes only the rows it cannot reuse (a new image, or a file whose bytes changed), then
 runs its cheap part (the prompt side or the head). ``vision_digest`` covers the image tower's
-weights as loaded, its preprocessing and the compute dtype, so a different model or precision
-never reads another's embeddings. Both files are written atomically, the ``.npy`` first; a
+weights as loaded, its configuration, its preprocessing, the compute dtype and (on CUDA) whether
+TF32 is allowed, so a different model or precision never reads another's embeddings. Both files are written atomically, the ``.npy`` first; a
 ``.json`` that does not match the ``.npy`` beside it (an interrupted or concurrent write) is
 ignored and the embeddings are recomputed.
 """

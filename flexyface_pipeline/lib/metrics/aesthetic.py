@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -23,12 +24,46 @@ import torch.nn.functional as F
 
 from flexyface_pipeline.lib.metrics.base import ImageEmbedder, Scorer, as_embeddings, hf_call, hf_identity
 from flexyface_pipeline.lib.metrics.clip_score import prepare_image, vision_tower_digest
-from flexyface_pipeline.lib.models.common import DigestCache, ModelIdentity, Runtime
+from flexyface_pipeline.lib.models.common import DigestCache, MissingWeightsError, ModelIdentity, Runtime
 
 if TYPE_CHECKING:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 logger = logging.getLogger(__name__)
+
+
+def import_aesthetics_predictor() -> ModuleType:
+    """The ``aesthetics_predictor`` package, imported without its side effect: its modules call
+    ``transformers.logging.set_verbosity_error()`` for the whole process, which would hide
+    transformers' report of missing or unexpected weights. The verbosity from before the first
+    import is restored."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    try:
+        import aesthetics_predictor
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return aesthetics_predictor
+
+
+def check_loading_info(title: str, location: str, setting: str, info: dict) -> None:
+    """Refuse a model some of whose weights were not in the checkpoint (``from_pretrained`` then
+    initialises them at random, which gives plausible-looking scores)."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or ())
+    if not missing and not mismatched:
+        return
+    problems = []
+    if missing:
+        shown = ", ".join(missing[:12]) + (f", ... ({len(missing)} in all)" if len(missing) > 12 else "")
+        problems.append(f"weights missing from the checkpoint: {shown}")
+    if mismatched:
+        problems.append(f"weights with another shape in the checkpoint: {', '.join(mismatched[:12])}")
+    raise MissingWeightsError(
+        f"{title}: {location!r} is not a checkpoint of this model ({'; '.join(problems)}). They would be "
+        f"initialised at random; point {setting} at the model's own repository or directory."
+    )
 
 
 class _AestheticScorer(Scorer, ImageEmbedder):
@@ -49,29 +84,29 @@ class _AestheticScorer(Scorer, ImageEmbedder):
     def load(cls, location: str, runtime: Runtime, *, offline: bool,
              digests: DigestCache | None = None) -> _AestheticScorer:
         location = cls.check(location)
-        import aesthetics_predictor
         from transformers import CLIPImageProcessor
 
-        predictor = getattr(aesthetics_predictor, cls.predictor_class)
+        predictor = getattr(import_aesthetics_predictor(), cls.predictor_class)
         logger.info("loading %s from %s on %s (%s)", cls.title, location, runtime.device, runtime.dtype)
         # float32 weights; a reduced-precision runtime runs the image tower under autocast and
         # the head in float32.
-        model = hf_call(cls.title, location, cls.setting, lambda: predictor.from_pretrained(
-            location, dtype=torch.float32, local_files_only=offline))
+        model, info = hf_call(cls.title, location, cls.setting, lambda: predictor.from_pretrained(
+            location, dtype=torch.float32, local_files_only=offline, output_loading_info=True))
+        check_loading_info(cls.title, location, cls.setting, info)
         # The image half of the repository's CLIPProcessor: the prompt is not used.
         image_processor = hf_call(cls.title, location, cls.setting, lambda: CLIPImageProcessor.from_pretrained(
             location, local_files_only=offline))
         model.eval()
         scorer = cls(model, image_processor, hf_identity(location, digests=digests), runtime)
         # hashed on the CPU, before the move to the device
-        scorer.vision_digest = vision_tower_digest(model, image_processor, runtime.dtype,
+        scorer.vision_digest = vision_tower_digest(model, image_processor, runtime,
                                                    identity=scorer.identity, digests=digests)
         model.to(runtime.device)
         return scorer
 
     @cached_property
     def vision_digest(self) -> str:
-        return vision_tower_digest(self.model, self.image_processor, self.runtime.dtype)
+        return vision_tower_digest(self.model, self.image_processor, self.runtime)
 
     def prepare(self, image: PIL.Image.Image) -> torch.Tensor:
         return prepare_image(self.image_processor, image)

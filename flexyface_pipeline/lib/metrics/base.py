@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_CACHED_PROMPTS = 10_000  # prompt features kept per loaded scorer (a few KB each)
+PROMPT_BATCH = 256  # prompts per text-tower forward pass
 
 
 def check_prompts(prompts: Sequence[str]) -> None:
@@ -205,19 +207,28 @@ class Scorer(abc.ABC):
         """L2-normalised float32 prompt features, one row per prompt, on the model's device.
 
         Each distinct prompt is encoded once while the scorer is loaded: a sweep has a few
-        prompts and many images.
+        prompts and many images. Prompts not seen before go through the text tower
+        ``PROMPT_BATCH`` at a time. The cache keeps the ``MAX_CACHED_PROMPTS`` most recently
+        requested prompts; the result always covers every requested prompt.
         """
         self._check_open()
         cache = self._prompt_cache
-        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        distinct = list(dict.fromkeys(prompts))
+        features = {p: cache[p] for p in distinct if p in cache}
+        missing = [p for p in distinct if p not in features]
         if missing:
-            if len(cache) + len(missing) > MAX_CACHED_PROMPTS:
-                cache.clear()
             check_prompts(missing)
             with torch.inference_mode():
-                features = self._encode_prompts(missing)
-            cache.update(zip(missing, features))
-        return torch.stack([cache[p] for p in prompts])
+                for start in range(0, len(missing), PROMPT_BATCH):
+                    chunk = missing[start:start + PROMPT_BATCH]
+                    features.update(zip(chunk, self._encode_prompts(chunk)))
+        # Most recently requested last; the oldest entries go first when the cache is full.
+        for p in distinct:
+            cache.pop(p, None)
+            cache[p] = features[p]
+        for p in list(itertools.islice(cache, max(0, len(cache) - MAX_CACHED_PROMPTS))):
+            del cache[p]
+        return torch.stack([features[p] for p in prompts])
 
     def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """L2-normalised float32 features of distinct prompts (metrics that use the prompt)."""
@@ -282,8 +293,9 @@ class ImageEmbedder(abc.ABC):
     @property
     @abc.abstractmethod
     def vision_digest(self) -> str:
-        """SHA-256 over the image tower's tensors (as loaded), the image preprocessing settings
-        and the compute dtype: what decides the embedding of an image file."""
+        """SHA-256 over the image tower's tensors (as loaded), its configuration, the image
+        preprocessing (settings and class), the compute dtype and, on CUDA, whether TF32 is
+        allowed: what decides the embedding of an image file."""
 
     @abc.abstractmethod
     def prepare(self, image: PIL.Image.Image) -> torch.Tensor:

@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 VISION_PREFIXES = ("vision_model.", "visual_projection.")
 _PROCESSOR_META_KEYS = ("processor_class", "image_processor_type", "feature_extractor_type", "_processor_class")
+# Configuration keys that name or describe a model without changing what its image tower computes.
+_CONFIG_META_KEYS = frozenset({
+    "_name_or_path", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
+    "id2label", "label2id", "problem_type", "output_attentions", "output_hidden_states", "return_dict",
+})
 
 
 def preprocessing_settings(image_processor: CLIPImageProcessor) -> dict:
@@ -47,12 +52,47 @@ def preprocessing_settings(image_processor: CLIPImageProcessor) -> dict:
     return {k: v for k, v in settings.items() if k not in _PROCESSOR_META_KEYS}
 
 
-def vision_tower_digest(model: torch.nn.Module, image_processor: CLIPImageProcessor, compute_dtype: torch.dtype,
+def vision_config_settings(model: torch.nn.Module) -> dict:
+    """The settings of the image tower's configuration that decide its output.
+
+    ``CLIPModel`` keeps them in ``config.vision_config``, the aesthetic predictors (a
+    ``CLIPVisionModelWithProjection``) in ``config``; both hand the same ``CLIPVisionConfig`` to
+    ``model.vision_model``, which is read here. Only the keys the configuration class defines
+    are kept, less names and bookkeeping (``_CONFIG_META_KEYS``): configuration files written by
+    other transformers versions carry other leftovers (``dropout``, ``add_cross_attention``,
+    ``transformers_version``) that the image tower does not read, and the same tower saved as a
+    ``CLIPModel`` and as a predictor must give the same settings. The attention implementation
+    (eager, sdpa, ...) is added: it changes the embedding in the last bits.
+    """
+    config = model.vision_model.config
+    known = set(type(config)().to_dict()) - _CONFIG_META_KEYS
+    settings = {k: v for k, v in config.to_dict().items() if k in known}
+    settings["attn_implementation"] = getattr(config, "_attn_implementation", None)
+    return settings
+
+
+def tf32_settings(device: torch.device) -> dict | None:
+    """Whether float32 matrix products and convolutions may run in TF32 (CUDA only): the image
+    tower's float32 parts then give other numbers."""
+    if device.type != "cuda":
+        return None
+    return {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+
+
+def vision_tower_digest(model: torch.nn.Module, image_processor: CLIPImageProcessor, runtime: Runtime,
                         *, identity: ModelIdentity | None = None, digests: DigestCache | None = None) -> str:
     """Digest of a CLIP image tower (``vision_model.*``, ``visual_projection.*``), its
-    preprocessing and the dtype it computes in. With the ``identity`` of the weights it was
-    loaded from (a hub commit or a file digest), ``digests`` remembers it for the next load."""
-    extra = {"preprocessing": preprocessing_settings(image_processor), "compute_dtype": dtype_name(compute_dtype)}
+    configuration (``vision_config_settings``), its preprocessing (settings and image processor
+    class), the dtype it computes in and, on CUDA, whether TF32 is allowed. With the
+    ``identity`` of the weights it was loaded from (a hub commit or a file digest), ``digests``
+    remembers it for the next load, keyed by that identity and all of the settings above."""
+    extra = {
+        "preprocessing": preprocessing_settings(image_processor),
+        "image_processor": type(image_processor).__name__,
+        "vision_config": vision_config_settings(model),
+        "compute_dtype": dtype_name(runtime.dtype),
+        "tf32": tf32_settings(runtime.device),
+    }
 
     def compute() -> str:
         state = {k: v for k, v in model.state_dict().items() if k.startswith(VISION_PREFIXES)}
@@ -103,14 +143,14 @@ class ClipScorer(Scorer, ImageEmbedder):
         model.eval()
         scorer = cls(model, processor, hf_identity(location, digests=digests), runtime)
         # hashed on the CPU, before the move to the device
-        scorer.vision_digest = vision_tower_digest(model, processor.image_processor, runtime.dtype,
+        scorer.vision_digest = vision_tower_digest(model, processor.image_processor, runtime,
                                                    identity=scorer.identity, digests=digests)
         model.to(runtime.device)
         return scorer
 
     @cached_property
     def vision_digest(self) -> str:
-        return vision_tower_digest(self.model, self.processor.image_processor, self.runtime.dtype)
+        return vision_tower_digest(self.model, self.processor.image_processor, self.runtime)
 
     def prepare(self, image: PIL.Image.Image) -> torch.Tensor:
         return prepare_image(self.processor.image_processor, image)
