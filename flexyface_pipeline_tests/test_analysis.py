@@ -375,3 +375,37 @@ def test_report_renders_in_a_browser(report, tmp_path):
     assert (pixels.min(axis=2) < 200).mean() > 0.03
     blue = (pixels[..., 2] > 140) & (pixels[..., 0] < 80)
     assert blue.sum() > 500
+
+
+# --------------------------------------------------------------------------------------------
+# The asset
+
+
+def test_export_job_with_no_scored_sweep_analyses_nothing(data_dir, tiny_models_dir, dagster_home):
+    """A sweep without images yet: the export is empty, and the analysis says so instead of failing."""
+    import dagster as dg
+
+    from flexyface_pipeline_tests.helpers import tiny_defs
+
+    exports = data_dir / "exports"
+    exports.mkdir()
+    # Left by an analysis of an earlier export: they must not outlive it.
+    (exports / REPORT_NAME).write_text("<html>old</html>")
+    (exports / RECOMMENDATIONS_NAME).write_text("{}")
+    defs = tiny_defs(data_dir, tiny_models_dir)
+    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
+        instance.add_dynamic_partitions("sweeps", ["unscored"])
+        result = defs.resolve_job_def("export_job").execute_in_process(instance=instance, raise_on_error=False)
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        [exported] = result.asset_materializations_for_node("sweep_results")
+        assert exported.metadata["num_rows"].value == 0
+        assert exported.metadata["incomplete_sweeps"].value == {"unscored": "not generated"}
+        [analysed] = result.asset_materializations_for_node("sweep_analysis")
+    assert analysed.metadata["num_rows"].value == 0
+    assert analysed.metadata["summary"].value.startswith("Nothing to analyse: the export has no rows")
+    assert sorted(analysed.metadata["removed_reports"].value) == sorted(
+        [str(exports / REPORT_NAME), str(exports / RECOMMENDATIONS_NAME)])
+    assert "report" not in analysed.metadata
+    assert len(pd.read_parquet(exports / "sweep_results.parquet")) == 0
+    assert not (exports / REPORT_NAME).exists() and not (exports / RECOMMENDATIONS_NAME).exists()
+

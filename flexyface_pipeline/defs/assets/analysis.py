@@ -2,6 +2,7 @@
 
 import base64
 import io
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -9,7 +10,7 @@ from pydantic import Field
 
 from flexyface_pipeline.lib.config import METRICS, validate_metrics
 from flexyface_pipeline.lib.export import SCORE_TABLES, merge_tables
-from flexyface_pipeline.defs.assets.results import sweep_results
+from flexyface_pipeline.defs.assets.results import EXPORT_POOL, sweep_results
 from flexyface_pipeline.defs.assets.scores import score_assets
 from flexyface_pipeline.defs.assets.sweep import generated_images
 from flexyface_pipeline.defs.partitions import sweeps_partitions
@@ -36,10 +37,33 @@ def select_rows(df: pd.DataFrame, config: AnalysisConfig) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def _nothing_to_analyse(context: dg.AssetExecutionContext, exports_dir: Path, why: str) -> dg.MaterializeResult:
+    """No report: a report left by an earlier analysis describes rows the export no longer has, so it goes."""
+    from flexyface_pipeline.lib.analysis import RECOMMENDATIONS_NAME, REPORT_NAME
+
+    removed = []
+    for name in (REPORT_NAME, RECOMMENDATIONS_NAME):
+        path = exports_dir / name
+        if path.is_file():
+            path.unlink()
+            removed.append(str(path))
+    context.log.info("nothing to analyse: %s", why)
+    for path in removed:
+        context.log.info("removed %s: it described an earlier export", path)
+    return dg.MaterializeResult(
+        metadata={
+            "num_rows": dg.MetadataValue.int(0),
+            "summary": dg.MetadataValue.md(f"Nothing to analyse: {why}. No report was written."),
+            "removed_reports": dg.MetadataValue.json(removed),
+        }
+    )
+
+
 @dg.asset(
     deps=[sweep_results],
     group_name="results",
     kinds={"pandas", "html", "json"},
+    pool=EXPORT_POOL,  # reads the export while no export step rewrites it (results.py)
     description="Effects of steps and guidance on each metric (bootstrap CIs, LOWESS), per-prompt z-scores, metric "
     "correlations, quality vs time with its Pareto front, and recommended settings with their evidence. Writes "
     "data/exports/sweep_report.html and recommendations.json.",
@@ -49,7 +73,10 @@ def sweep_analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, st
 
     metrics = validate_metrics(config.metrics)
     store = storage.store()
-    df = select_rows(pd.read_parquet(store.exports_dir / "sweep_results.parquet"), config)
+    export = pd.read_parquet(store.exports_dir / "sweep_results.parquet")
+    if export.empty:
+        return _nothing_to_analyse(context, store.exports_dir, "the export has no rows (no sweep is fully scored yet)")
+    df = select_rows(export, config)  # never empty: a sweep or engine the rows lack is refused
     analysis = analyze(df, metrics=metrics, bootstrap=config.bootstrap, seed=config.seed)
     report, recommendations = write_report(analysis, df, store.exports_dir)
     for note in getattr(analysis, "notes", []) or []:

@@ -12,10 +12,18 @@ from flexyface_pipeline.defs.partitions import sweeps_partitions
 from flexyface_pipeline.defs.resources import StorageResource
 
 
+# The export and what is computed from it are in the pool "export" (limit 1: the instance's
+# `concurrency.pools.default_limit`), so overlapping export runs (the export_after_sweep sensor,
+# `flexyface export`, the UI) take turns: each step reads the sweeps as they are when it starts, and
+# no older export can be written after a newer one.
+EXPORT_POOL = "export"
+
+
 @dg.asset(
     deps=[sweep_parameters, generated_images, *score_assets],
     group_name="results",
     kinds={"pandas", "parquet", "csv"},
+    pool=EXPORT_POOL,
     description="All sweeps merged: the seed's columns first (steps, guidance, four scores, elapsed_ms, seed), "
     "then identity and provenance; only fully scored rows, ordered by steps then guidance. "
     "Written to data/exports/sweep_results.parquet and .csv.",
