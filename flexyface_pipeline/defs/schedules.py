@@ -1,10 +1,15 @@
-"""Scheduled sweeps, and the sensor that refreshes the export after sweeps finish."""
+"""Scheduled sweeps, and the sensor that refreshes the export after score tables change."""
 
+import datetime as dt
 
 import dagster as dg
 
+from flexyface_pipeline.defs.assets.scores import score_assets
 from flexyface_pipeline.defs.jobs import export_job, sweep_job
 from flexyface_pipeline.defs.partitions import sweeps_partitions
+
+# Schedules run on UTC, and a dated sweep is named after the UTC date of its tick.
+SCHEDULE_TIMEZONE = "UTC"
 
 # The sweep a scheduled run samples (the `sweep_parameters` config); the seed of each dated sweep
 # differs because its name does.
@@ -26,16 +31,19 @@ NIGHTLY_SWEEP = {
 def build_sweep_schedule(name: str, cron: str, sweep_config: dict, prefix: str) -> dg.ScheduleDefinition:
     """A schedule that adds a dated sweep partition (``<prefix>-YYYY-MM-DD``) and launches it.
 
+    ``cron`` is read in UTC, and the date in the sweep's name is the UTC date of the tick.
+
     Off until a user turns it on (UI: Automation → schedule → toggle, or
     ``dagster schedule start <name>``). The run goes through the run queue, so it waits for the
     ``gpu`` pool like any other run.
     """
 
-    @dg.schedule(name=name, cron_schedule=cron, job=sweep_job, default_status=dg.DefaultScheduleStatus.STOPPED,
-                 description=f"Adds and runs a dated sweep ({sweep_config['num_images']} images) on {cron!r}.")
+    @dg.schedule(name=name, cron_schedule=cron, job=sweep_job, execution_timezone=SCHEDULE_TIMEZONE,
+                 default_status=dg.DefaultScheduleStatus.STOPPED,
+                 description=f"Adds and runs a dated sweep ({sweep_config['num_images']} images) on {cron!r} "
+                 f"({SCHEDULE_TIMEZONE}).")
     def _schedule(context: dg.ScheduleEvaluationContext):
-        when = context.scheduled_execution_time
-        sweep = f"{prefix}-{when:%Y-%m-%d}"
+        sweep = f"{prefix}-{_utc(context.scheduled_execution_time):%Y-%m-%d}"
         if not context.instance.has_dynamic_partition(sweeps_partitions.name, sweep):
             context.instance.add_dynamic_partitions(sweeps_partitions.name, [sweep])
             context.log.info("added sweep partition %s", sweep)
@@ -49,15 +57,39 @@ def build_sweep_schedule(name: str, cron: str, sweep_config: dict, prefix: str) 
     return _schedule
 
 
+def _utc(when: dt.datetime | None) -> dt.datetime:
+    """The tick's time in UTC (a time without zone is taken as UTC; no time: now)."""
+    if when is None:
+        return dt.datetime.now(dt.timezone.utc)
+    if when.tzinfo is None:
+        return when.replace(tzinfo=dt.timezone.utc)
+    return when.astimezone(dt.timezone.utc)
+
+
 nightly_sweep_schedule = build_sweep_schedule("nightly_sweep", "0 2 * * *", NIGHTLY_SWEEP, prefix="nightly")
+
+
+SCORE_ASSET_KEYS = frozenset(asset.key for asset in score_assets)
 
 
 @dg.run_status_sensor(
     run_status=dg.DagsterRunStatus.SUCCESS,
-    monitored_jobs=[sweep_job],
+    # No monitored_jobs: every job of this code location, including the implicit asset job behind
+    # materializations from the Assets page and backfills. The function picks the runs that count.
     request_job=export_job,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Merges all sweeps into data/exports/ after a sweep run succeeds.",
+    description="Merges all sweeps into data/exports/ (and refreshes the analysis) after a successful run of "
+    "this code location that materialized a score table (clip_scores, aesthetic_scores, aes_v2_scores, "
+    "hps_v2_scores): sweep_job, the Assets page, backfills.",
 )
 def export_after_sweep(context: dg.RunStatusSensorContext):
-    return dg.RunRequest(run_key=f"export-after-{context.dagster_run.run_id}")
+    run = context.dagster_run
+    if run.job_name == export_job.name:
+        return dg.SkipReason(f"run {run.run_id} is an export run")
+    records = context.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+    keys = {r.dagster_event.asset_key for r in records if r.dagster_event is not None} & SCORE_ASSET_KEYS
+    if not keys:
+        return dg.SkipReason(f"run {run.run_id} ({run.job_name}) materialized no score table")
+    scored = ", ".join(sorted(key.to_user_string() for key in keys))
+    context.log.info("run %s (%s) materialized %s: refreshing the export", run.run_id, run.job_name, scored)
+    return dg.RunRequest(run_key=f"export-after-{run.run_id}")
