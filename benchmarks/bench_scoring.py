@@ -54,6 +54,7 @@ import torch
 
 from flexyface_pipeline.lib.atomic import atomic_write_bytes
 from flexyface_pipeline.lib.metrics import SCORERS
+from flexyface_pipeline.lib.metrics.aesthetic import import_aesthetics_predictor
 from flexyface_pipeline.lib.models.common import DigestCache, Runtime, free_memory, resolve_runtime
 from flexyface_pipeline.lib.scoring import score_sweep
 from flexyface_pipeline.lib.store import SweepStore
@@ -250,12 +251,11 @@ def reference_clip(location: Path, paths: Sequence[Path], prompts: Sequence[str]
 
 def reference_aesthetic(predictor_class: str, location: Path, paths: Sequence[Path], device: str) -> Timing:
     """simple-aesthetics-predictor's README: processor + predictor, one image at a time."""
-    import aesthetics_predictor
     from transformers import CLIPProcessor
 
     timing = Timing()
     clock = Clock()
-    predictor = getattr(aesthetics_predictor, predictor_class).from_pretrained(location)
+    predictor = getattr(import_aesthetics_predictor(), predictor_class).from_pretrained(location)
     processor = CLIPProcessor.from_pretrained(location)
     predictor = predictor.to(device)
     timing.load_s, timing.load_cpu_s = clock.lap()
@@ -357,8 +357,9 @@ def run_interleaved(store: SweepStore, locations: dict[str, Path], runtime: Runt
 
 def warm_imports() -> None:
     """Import what both ways use before anything is timed (the first import costs seconds)."""
-    import aesthetics_predictor  # noqa: F401
     from transformers import CLIPModel, CLIPProcessor  # noqa: F401
+
+    import_aesthetics_predictor()
 
     from flexyface_pipeline.lib.metrics.hps import hpsv2_open_clip
 

@@ -145,3 +145,45 @@ def test_files_are_written_while_the_next_batch_generates(models, data_dir, monk
     assert [len(c) for c in recording.calls] == [2, 2, 2, 1]
     assert progress == [(2, 2), (4, 4), (6, 6), (7, 7)]
     assert report.generated == NUM_IMAGES
+
+
+def test_images_made_by_other_weights_are_generated_again(models, data_dir, caplog) -> None:
+    from flexyface_pipeline.lib.models.common import ModelIdentity
+
+    params = _parameters(data_dir)
+    store = SweepStore(data_dir)
+    loaded = models.engine("realvis_xl").identity  # builds the tiny model if this is the first use
+    expected = models.engine_identity("realvis_xl")
+    assert expected == loaded  # what loading gives, told without loading
+    first = generate_sweep(params, store, lambda: models.engine("realvis_xl"), batch_size=4, expected_model=expected)
+    assert first.generated == NUM_IMAGES
+
+    never = _Recording(models.engine("realvis_xl"), fits=0)  # any call would fail
+    again = generate_sweep(params, store, lambda: never, batch_size=4, expected_model=expected)
+    assert (again.generated, again.reused, never.calls) == (0, NUM_IMAGES, [])
+
+    # The sweep now points at other weights: nothing on disk is theirs.
+    other = ModelIdentity(model_id="SG161222/RealVisXL_V5.0", revision="4a3f0e4fd1b1a6d5e2a1c8d3e0b7f9a1c2d3e4f5")
+    with caplog.at_level(logging.WARNING):
+        redo = generate_sweep(params, store, lambda: models.engine("realvis_xl"), batch_size=4, expected_model=other)
+    assert (redo.generated, redo.reused) == (NUM_IMAGES, 0)
+    assert f"{NUM_IMAGES} images were made by other weights ({expected.model_id} {expected.revision})" in caplog.text
+
+
+def test_engine_identity_is_unknown_until_the_weights_exist(data_dir, tmp_path) -> None:
+    models = tiny_resources(data_dir, tmp_path / "no-models-yet")["models"]
+    assert models.engine_identity("realvis_xl") is None
+    assert not (tmp_path / "no-models-yet").exists()  # nothing was built to answer
+    real = tiny_resources(data_dir, tmp_path, profile="real", realvis_xl_model=str(tmp_path / "missing"))["models"]
+    assert real.engine_identity("realvis_xl") is None
+
+
+def test_a_bad_model_location_fails_when_the_run_starts(data_dir, tmp_path) -> None:
+    from flexyface_pipeline.lib.models.common import MissingWeightsError
+
+    models = tiny_resources(data_dir, tmp_path, profile="real", hps_v2_model=str(tmp_path / "hps.pt"))["models"]
+    with pytest.raises(MissingWeightsError, match=r"HPS v2\.1: local path .*hps\.pt' does not exist; set FLEXYFACE_HPS_V2_MODEL"):
+        models.validate()
+    with pytest.raises(MissingWeightsError, match="set FLEXYFACE_CLIP_MODEL"):
+        tiny_resources(data_dir, tmp_path, profile="real", clip_model="not a hub id")["models"].validate()
+    tiny_resources(data_dir, tmp_path, profile="real")["models"].validate()  # the default hub ids

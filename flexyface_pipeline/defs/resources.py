@@ -11,7 +11,15 @@ from typing import Any
 import dagster as dg
 from pydantic import PrivateAttr
 
-from flexyface_pipeline.lib.models.common import PROFILES, DigestCache, Runtime, free_memory, resolve_runtime
+from flexyface_pipeline.lib.models.common import (
+    PROFILES,
+    DigestCache,
+    check_location,
+    ModelIdentity,
+    Runtime,
+    free_memory,
+    resolve_runtime,
+)
 from flexyface_pipeline.lib.store import SweepStore
 
 logger = logging.getLogger(__name__)
@@ -73,6 +81,17 @@ class ModelResource(dg.ConfigurableResource):
         if self.generation_batch_size < 0 or self.scoring_batch_size < 0:
             raise ValueError("generation_batch_size and scoring_batch_size must be >= 0 (0: automatic)")
         self._runtime = resolve_runtime(self.device, self.dtype, self.tf32)
+        if self.profile == "real":
+            self.check_locations()
+
+    def check_locations(self) -> None:
+        """Every configured model location is a hub id or an existing path (MissingWeightsError
+        naming the model and its setting otherwise), checked when a run starts."""
+        from flexyface_pipeline.lib.engines import ENGINES
+        from flexyface_pipeline.lib.metrics import SCORERS
+
+        for key, cls in {**ENGINES, **SCORERS}.items():
+            check_location(getattr(cls, "title", key), self.configured_location(key), cls.setting)
 
     @property
     def runtime(self) -> Runtime:
@@ -104,12 +123,15 @@ class ModelResource(dg.ConfigurableResource):
             "hps_v2_score": self.hps_v2_model,
         }[key]
 
+    def _built_location(self, key: str) -> Path:
+        root = Path(self.models_dir) if self.models_dir else self.storage.store().models_dir
+        return root / self.profile / key
+
     def location(self, key: str, builder: Any) -> str:
         """Where the weights for ``key`` are, building random-weight models on first use."""
         if self.profile == "real":
             return self.configured_location(key)
-        root = Path(self.models_dir) if self.models_dir else self.storage.store().models_dir
-        target = root / self.profile / key
+        target = self._built_location(key)
         if not (target / ".complete").is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             # One builder at a time, also across processes; the others wait and load its result.
@@ -159,6 +181,20 @@ class ModelResource(dg.ConfigurableResource):
                             digests=self.digests)
 
         return self._take(f"engine:{name}", load)
+
+    def engine_identity(self, name: str) -> ModelIdentity | None:
+        """The identity of the weights the engine ``name`` would load, without loading (or building)
+        them; None when it cannot be told here."""
+        from flexyface_pipeline.lib.engines import get_engine
+
+        if self.profile == "real":
+            location = self.configured_location(name)
+        else:
+            target = self._built_location(name)
+            if not (target / ".complete").is_file():
+                return None
+            location = str(target)
+        return get_engine(name).identify_weights(location, digests=self.digests)
 
     def scorer(self, metric: str):
         """The scorer for ``metric``, loaded (any other model is released first)."""

@@ -23,7 +23,7 @@ from PIL import Image, PngImagePlugin
 
 from flexyface_pipeline.lib.atomic import atomic_path
 from flexyface_pipeline.lib.engines.base import Engine, ImageRequest
-from flexyface_pipeline.lib.models.common import free_memory
+from flexyface_pipeline.lib.models.common import ModelIdentity, free_memory
 from flexyface_pipeline.lib.store import SweepStore
 
 logger = logging.getLogger(__name__)
@@ -112,12 +112,15 @@ def generate_sweep(
     engine_factory: Callable[[], Engine],
     *,
     batch_size: int | None,
+    expected_model: ModelIdentity | None = None,
     log: logging.Logger | None = None,
     after_batch: Callable[[int], None] | None = None,
 ) -> GenerationReport:
     """Generate every missing image of ``parameters`` (one sweep) and return the images table.
 
-    ``engine_factory`` is called only if at least one image is missing. ``batch_size`` is the
+    An existing image is kept if it decodes completely, its stored row matches, and, given
+    ``expected_model``, it was made by those weights (model id and revision); every other image
+    is generated. ``engine_factory`` is called only if at least one image is missing. ``batch_size`` is the
     number of images per pipeline call; None lets the engine size batches to the device
     (``Engine.batch_size_for``). A CUDA out-of-memory error halves the batch size for the rest
     of the sweep and retries.
@@ -132,15 +135,25 @@ def generate_sweep(
     rows = parameters.to_dict("records")
     done: dict[str, dict] = {}
     todo: list[dict] = []
+    other_model: dict[tuple[str, str], int] = {}  # (model, revision) of images made by other weights
     for row in rows:
         path = store.image_path(row["sweep"], row["image_id"])
         record = verify_image(path, row) if path.exists() else None
+        if record is not None and expected_model is not None:
+            made_by = (str(record.get("engine_model", "")), str(record.get("engine_model_revision", "")))
+            if made_by != (expected_model.model_id, expected_model.revision):
+                other_model[made_by] = other_model.get(made_by, 0) + 1
+                record = None
+        elif record is None and path.exists():
+            log.warning("image %s does not match its row or is incomplete: generating it again", path.name)
         if record is not None:
             done[row["image_id"]] = record
         else:
-            if path.exists():
-                log.warning("image %s does not match its row or is incomplete: generating it again", path.name)
             todo.append(row)
+    if other_model:
+        log.warning("%d images were made by other weights (%s), not by %s (%s): generating them again",
+                    sum(other_model.values()), "; ".join(f"{m} {r}" for m, r in sorted(other_model)),
+                    expected_model.model_id, expected_model.revision)
     if done:
         log.info("%d of %d images already complete and verified; %d to generate", len(done), len(rows), len(todo))
 

@@ -144,6 +144,7 @@ def generated_images(context: dg.AssetExecutionContext, storage: StorageResource
                 store,
                 lambda: models.engine(engine_name),
                 batch_size=models.generation_batch,
+                expected_model=models.engine_identity(engine_name),
                 log=context.log,
             )
             store.write_table("images", sweep, report.table)

@@ -98,6 +98,13 @@ class Engine(abc.ABC):
         """Load weights from a hub id or a local directory; raise MissingWeightsError if absent.
         ``digests`` remembers weight hashes between runs."""
 
+    @classmethod
+    def identify_weights(cls, location: str, *, digests: DigestCache | None = None) -> ModelIdentity | None:
+        """The identity ``load`` would give these weights, without loading them or going online;
+        None when it cannot be told (weights not on this machine). Lets a run check that existing
+        images were made by the configured model before deciding that nothing needs the GPU."""
+        return None
+
     @abc.abstractmethod
     def generate(self, batch: Sequence[ImageRequest]) -> list[PIL.Image.Image]:
         """Make the images of one batch (a group from ``plan_batches``), in order."""

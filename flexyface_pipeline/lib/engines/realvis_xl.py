@@ -132,23 +132,34 @@ class RealVisXLEngine(Engine):
     # -- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, location: str, runtime: Runtime, *, offline: bool, compile: bool = False,
-             digests: DigestCache | None = None) -> RealVisXLEngine:
+    def _resolve(cls, location: str, *, offline: bool) -> str:
+        """The local directory of the pipeline at ``location`` (downloading it unless ``offline``)."""
         checked = check_location(cls.name, location, cls.setting)
-        pipeline_class = _pipeline_class()
         if is_local(checked):
             if not (Path(checked) / "model_index.json").is_file():
                 raise MissingWeightsError(
                     f"{cls.name}: {location!r} is not a diffusers SDXL pipeline directory (no model_index.json); "
                     f"set {cls.setting} to such a directory or to a Hugging Face hub id"
                 )
-            resolved = checked
-        else:
-            try:
-                resolved = pipeline_class.download(checked, local_files_only=offline)
-            except _hub_errors() as exc:
-                raise missing_weights(cls.name, location, cls.setting, exc) from exc
+            return checked
+        try:
+            return _pipeline_class().download(checked, local_files_only=offline)
+        except _hub_errors() as exc:
+            raise missing_weights(cls.name, location, cls.setting, exc) from exc
 
+    @classmethod
+    def identify_weights(cls, location: str, *, digests: DigestCache | None = None) -> ModelIdentity | None:
+        try:
+            resolved = cls._resolve(location, offline=True)
+        except MissingWeightsError:
+            return None
+        return identify(location, resolved, digests)
+
+    @classmethod
+    def load(cls, location: str, runtime: Runtime, *, offline: bool, compile: bool = False,
+             digests: DigestCache | None = None) -> RealVisXLEngine:
+        resolved = cls._resolve(location, offline=offline)
+        pipeline_class = _pipeline_class()
         start = time.perf_counter()
         try:
             # low_cpu_mem_usage (accelerate): the weights are placed into empty modules instead of

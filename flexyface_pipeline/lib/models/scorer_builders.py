@@ -200,10 +200,11 @@ def _unit_gain(head: torch.nn.Module) -> None:
 
 def build_aesthetic(directory: Path, predictor_class: str, spec: dict, preprocessor: dict, seed: int = SEED) -> Path:
     """An aesthetics_predictor model with random weights, written as the hub repositories are."""
-    import aesthetics_predictor
     from transformers import CLIPProcessor, CLIPTokenizer
 
-    predictor = getattr(aesthetics_predictor, predictor_class)
+    from flexyface_pipeline.lib.metrics.aesthetic import import_aesthetics_predictor
+
+    predictor = getattr(import_aesthetics_predictor(), predictor_class)
     with model_directory(directory) as tmp:
         torch.manual_seed(seed + 2)
         model = _with_vision_tower(predictor(_vision_config(spec)).eval(), spec, seed)
