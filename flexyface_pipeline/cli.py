@@ -1,7 +1,10 @@
 """``flexyface``: start, grow and re-score sweeps from the shell.
 
-Runs go through the Dagster instance named by ``DAGSTER_HOME`` (``.env`` in the current directory
-is read first, as the ``dagster`` CLI does), so they show up in the UI like runs launched there.
+Runs go through the Dagster instance named by ``DAGSTER_HOME``, so they show up in the UI like runs
+launched there. ``.env`` in the current directory is read first; a variable already set in the
+environment keeps its value (the ``dagster`` CLI does the opposite: its ``.env`` values replace
+exported ones). A failed run ends the command with one line saying which step failed and why, and
+exit status 1.
 """
 
 from __future__ import annotations
@@ -11,20 +14,23 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from itertools import groupby
 from pathlib import Path
 
 logger = logging.getLogger("flexyface")
 
 
+class CliError(Exception):
+    """A failure the command reports in one line (exit status 1)."""
+
+
 def _load_dotenv() -> None:
-    """Read ``.env`` from the current directory as the dagster CLI does; exported variables win."""
-    from dotenv import dotenv_values
+    """Read ``.env`` from the current directory; exported variables win (``override=False``)."""
+    from dotenv import load_dotenv
 
     path = Path.cwd() / ".env"
     if path.is_file():
-        for key, value in dotenv_values(path).items():
-            if value is not None:
-                os.environ.setdefault(key, value)
+        load_dotenv(path, override=False)
 
 
 def _instance():
@@ -33,7 +39,7 @@ def _instance():
     from flexyface_pipeline.defs.recovery import recover_dead_runs
 
     if not os.environ.get("DAGSTER_HOME"):
-        raise SystemExit(
+        raise CliError(
             "DAGSTER_HOME is not set: run `make setup` (it writes .env) or export DAGSTER_HOME to a directory "
             "holding dagster.yaml"
         )
@@ -53,7 +59,7 @@ def _tags() -> dict[str, str]:
 def _storage_root() -> Path:
     data_dir = os.environ.get("FLEXYFACE_DATA_DIR")
     if not data_dir:
-        raise SystemExit("FLEXYFACE_DATA_DIR is not set: run `make setup` (it writes .env) or export it")
+        raise CliError("FLEXYFACE_DATA_DIR is not set: run `make setup` (it writes .env) or export it")
     return Path(data_dir)
 
 
@@ -87,9 +93,40 @@ def _validate_sweep(args: argparse.Namespace) -> None:
     build_sweep_spec(sweep=args.name, prompts_dir=_storage_root() / "prompts", **cfg)
 
 
+def _error_line(error) -> str:
+    """The first line of the error that caused a failure, past the errors dagster wraps it in."""
+    while error.cause is not None and error.cls_name.startswith("Dagster"):
+        error = error.cause
+    lines = error.message.strip().splitlines()
+    text = lines[0] if lines else ""
+    head, sep, rest = text.partition(": ")
+    if sep and head.endswith(error.cls_name):
+        text = f"{error.cls_name}: {rest}"  # without the module path
+    return text or error.cls_name
+
+
+def _failure(result) -> str:
+    """Where and why a run failed: the failed step (or the resources, or the run) and its error."""
+    import dagster as dg
+
+    kinds = (dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RESOURCE_INIT_FAILURE,
+             dg.DagsterEventType.RUN_FAILURE)
+    for kind in kinds:
+        for event in result.all_events:
+            if event.event_type != kind:
+                continue
+            error = getattr(event.event_specific_data, "error", None)
+            why = _error_line(error) if error is not None else (event.message or "no error recorded")
+            where = {dg.DagsterEventType.STEP_FAILURE: f"step {event.step_key}: ",
+                     dg.DagsterEventType.RESOURCE_INIT_FAILURE: "setting up resources: "}.get(kind, "")
+            return where + why
+    return "no failure event recorded"
+
+
 def _check(result, what: str) -> None:
     if not result.success:
-        raise SystemExit(f"{what} failed (run id {result.run_id}); see the logs above or the run in the UI")
+        detail = " ".join(_failure(result).split())
+        raise CliError(f"{what} failed (run {result.run_id}): {detail}")
 
 
 def run_sweep(args: argparse.Namespace) -> None:
@@ -103,7 +140,7 @@ def run_sweep(args: argparse.Namespace) -> None:
         logger.info("added sweep partition %s", args.name)
     job = defs.resolve_job_def("sweep_job")
     result = job.execute_in_process(instance=instance, partition_key=args.name, run_config=_sweep_run_config(args),
-                                    tags=_tags())
+                                    tags=_tags(), raise_on_error=False)
     _check(result, f"sweep {args.name}")
     if not args.no_export:
         run_export(args)
@@ -113,7 +150,7 @@ def run_export(args: argparse.Namespace) -> None:
     from flexyface_pipeline.definitions import defs
 
     instance = _instance()
-    result = defs.resolve_job_def("export_job").execute_in_process(instance=instance, tags=_tags())
+    result = defs.resolve_job_def("export_job").execute_in_process(instance=instance, tags=_tags(), raise_on_error=False)
     _check(result, "export")
     exports = _storage_root() / "exports"
     logger.info("exports written under %s", exports)
@@ -129,26 +166,41 @@ def run_rescore(args: argparse.Namespace) -> None:
     from flexyface_pipeline.defs.partitions import sweeps_partitions
     from flexyface_pipeline.lib.config import validate_metrics
     from flexyface_pipeline.lib.export import SCORE_TABLES
+    from flexyface_pipeline.lib.store import SweepStore
 
     metrics = validate_metrics(args.metric)
     instance = _instance()
     known = instance.get_dynamic_partitions(sweeps_partitions.name)
-    sweeps = known if args.all else args.sweep
-    unknown = [s for s in sweeps if s not in known]
-    if unknown or not sweeps:
-        raise SystemExit(f"unknown sweep(s) {unknown or sweeps}; known sweeps: {known}")
+    if args.all:
+        if not known:
+            raise CliError("there is no sweep to re-score yet")
+        store = SweepStore(_storage_root())
+        skipped = [s for s in known if not store.has_table("images", s)]
+        if skipped:
+            logger.warning("skipping %d sweep(s) without images yet: %s", len(skipped), ", ".join(skipped))
+        if len(skipped) == len(known):
+            raise CliError(f"no sweep has images yet (sweeps: {', '.join(known)})")
+        # Runs over consecutive sweeps with images: a partition range would include a skipped sweep.
+        blocks = [list(group) for has_images, group in groupby(known, key=lambda s: s not in skipped) if has_images]
+    else:
+        unknown = [s for s in args.sweep if s not in known]
+        if unknown:
+            raise CliError(f"unknown sweep(s) {unknown}; known sweeps: {known}")
+        blocks = [[sweep] for sweep in args.sweep]
     selection = [SCORE_TABLES[m][0] for m in metrics]
     job = dg.define_asset_job("rescore", selection=selection)
     resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("rescore")
-    if args.all and len(sweeps) > 1:
-        # One run over every sweep: the score assets' single-run backfill policy loads each model once.
-        tags = _tags() | {"dagster/asset_partition_range_start": sweeps[0],
-                          "dagster/asset_partition_range_end": sweeps[-1]}
-        _check(resolved.execute_in_process(instance=instance, tags=tags), "re-scoring all sweeps")
-    else:
-        for sweep in sweeps:
-            _check(resolved.execute_in_process(instance=instance, partition_key=sweep, tags=_tags()),
-                   f"re-scoring {sweep}")
+    for block in blocks:
+        if len(block) > 1:
+            # One run over the block: the score assets' single-run backfill policy loads each model once.
+            tags = _tags() | {"dagster/asset_partition_range_start": block[0],
+                              "dagster/asset_partition_range_end": block[-1]}
+            result = resolved.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+            _check(result, f"re-scoring sweeps {block[0]} to {block[-1]}")
+        else:
+            result = resolved.execute_in_process(instance=instance, partition_key=block[0], tags=_tags(),
+                                                 raise_on_error=False)
+            _check(result, f"re-scoring {block[0]}")
     if not args.no_export:
         run_export(args)
 
@@ -185,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     rescore.add_argument("metric", nargs="+", help="clip_score, aesthetic_score, aes_v2_score, hps_v2_score")
     target = rescore.add_mutually_exclusive_group(required=True)
     target.add_argument("--sweep", action="append", help="sweep to re-score (repeatable)")
-    target.add_argument("--all", action="store_true", help="every sweep")
+    target.add_argument("--all", action="store_true", help="every sweep that has images (the others are skipped)")
     rescore.add_argument("--no-export", action="store_true")
     rescore.set_defaults(func=run_rescore)
 
@@ -208,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepConfigError as err:
         logger.error("invalid sweep: %s", err)
         return 2
+    except CliError as err:
+        logger.error("%s", err)
+        return 1
     return 0
 
 

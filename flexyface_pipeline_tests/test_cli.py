@@ -1,6 +1,7 @@
 """The `flexyface` command: bad input fails fast; sweeps and re-scoring go through the instance."""
 
 import hashlib
+import os
 
 import dagster as dg
 import pytest
@@ -59,14 +60,27 @@ def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_two_sweeps_then_rescore_all_in_one_run(cli_env, capsys):
-    common = ["--steps", "4", "5", "--width", "64", "--height", "64", "--prompt-file", "demo.txt"]
-    assert cli.main(["sweep", "c1", "--images", "3", "--no-export", *common]) == 0
-    assert cli.main(["sweep", "c2", "--images", "4", "--seed", "9", *common]) == 0
+COMMON = ["--steps", "4", "5", "--width", "64", "--height", "64", "--prompt-file", "demo.txt"]
+
+
+def _hps_runs(instance: dg.DagsterInstance) -> list[tuple[str, ...]]:
+    """The sweeps each re-score run scored, oldest run first."""
+    runs = [r for r in reversed(instance.get_runs()) if r.job_name == "rescore"]
+    mats = instance.fetch_materializations(dg.AssetKey("hps_v2_scores"), limit=100).records
+    return [tuple(sorted(m.partition_key for m in mats if m.run_id == r.run_id)) for r in runs]
+
+
+def test_two_sweeps_then_rescore_all_in_one_run(cli_env, capsys, caplog):
+    assert cli.main(["sweep", "c1", "--images", "3", "--no-export", *COMMON]) == 0
+    assert cli.main(["sweep", "c2", "--images", "4", "--seed", "9", *COMMON]) == 0
     assert "sweep_results.csv" in capsys.readouterr().out
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions("sweeps", ["pending"])  # added (UI, schedule), not generated yet
     images = {p: _digest(p) for p in sorted((cli_env / "images").rglob("*.png"))}
     clip = {s: _digest(cli_env / "sweeps" / s / "clip_scores.parquet") for s in ("c1", "c2")}
+    caplog.clear()
     assert cli.main(["rescore", "hps_v2_score", "--all", "--no-export"]) == 0
+    assert "skipping 1 sweep(s) without images yet: pending" in caplog.text
     with dg.DagsterInstance.get() as instance:
         run = instance.get_runs(limit=1)[0]
         assert run.job_name == "rescore"
@@ -74,7 +88,72 @@ def test_two_sweeps_then_rescore_all_in_one_run(cli_env, capsys):
         assert steps == {"hps_v2_scores"}
         assert run.tags["dagster/asset_partition_range_start"] == "c1"
         assert run.tags["dagster/asset_partition_range_end"] == "c2"
-        mats = instance.fetch_materializations(dg.AssetKey("hps_v2_scores"), limit=10).records
-        assert sorted(m.partition_key for m in mats if m.run_id == run.run_id) == ["c1", "c2"]
+        assert _hps_runs(instance) == [("c1", "c2")]
     assert images == {p: _digest(p) for p in sorted((cli_env / "images").rglob("*.png"))}
     assert clip == {s: _digest(cli_env / "sweeps" / s / "clip_scores.parquet") for s in ("c1", "c2")}
+    assert not (cli_env / "sweeps" / "pending").exists()
+
+    # A sweep with images after the skipped one: a range from c1 to c3 would take in `pending`,
+    # so c3 gets a run of its own.
+    assert cli.main(["sweep", "c3", "--images", "2", "--seed", "5", "--no-export", *COMMON]) == 0
+    caplog.clear()
+    assert cli.main(["rescore", "hps_v2_score", "--all", "--no-export"]) == 0
+    assert "skipping 1 sweep(s) without images yet: pending" in caplog.text
+    with dg.DagsterInstance.get() as instance:
+        assert _hps_runs(instance) == [("c1", "c2"), ("c1", "c2"), ("c3",)]
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in instance.get_runs())
+
+
+def test_rescore_all_without_any_images_says_so(cli_env, caplog):
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions("sweeps", ["p1", "p2"])
+    assert cli.main(["rescore", "clip_score", "--all"]) == 1
+    assert "skipping 2 sweep(s) without images yet: p1, p2" in caplog.text
+    assert "no sweep has images yet (sweeps: p1, p2)" in caplog.text
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_runs() == []
+
+
+def _errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "flexyface" and r.levelname == "ERROR"]
+
+
+def test_a_run_that_fails_ends_the_command_with_one_line(cli_env, tmp_path, monkeypatch, caplog):
+    """A model location that does not exist: the run fails while setting up, before any step runs."""
+    missing = tmp_path / "no-such-model"
+    monkeypatch.setenv("FLEXYFACE_MODEL_PROFILE", "real")
+    monkeypatch.setenv("FLEXYFACE_REALVIS_XL_MODEL", str(missing))
+    assert cli.main(["sweep", "broken", "--images", "2", *COMMON]) == 1
+    [error] = _errors(caplog)
+    with dg.DagsterInstance.get() as instance:
+        [run] = instance.get_runs()  # and no export after it
+        assert run.status == dg.DagsterRunStatus.FAILURE
+    assert error == (
+        f"sweep broken failed (run {run.run_id}): setting up resources: MissingWeightsError: realvis_xl: local path "
+        f"'{missing}' does not exist; set FLEXYFACE_REALVIS_XL_MODEL to a directory holding the model's weights, "
+        "or to a Hugging Face hub id"
+    )
+    assert not (cli_env / "images" / "broken").exists()
+
+
+def test_a_failed_step_is_named_in_the_one_line_error(cli_env, caplog):
+    (cli_env / "exports").write_text("a file where the exports directory belongs")
+    assert cli.main(["export"]) == 1
+    [error] = _errors(caplog)
+    with dg.DagsterInstance.get() as instance:
+        [run] = instance.get_runs()
+        assert (run.job_name, run.status) == ("export_job", dg.DagsterRunStatus.FAILURE)
+    assert "\n" not in error
+    assert error.startswith(f"export failed (run {run.run_id}): step sweep_results: FileExistsError: ")
+    assert str(cli_env / "exports") in error
+
+
+def test_dotenv_in_the_current_directory_fills_in_what_is_not_exported(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLEXYFACE_DEVICE", "cpu")
+    monkeypatch.setenv("FLEXYFACE_DTYPE", "placeholder")
+    monkeypatch.delenv("FLEXYFACE_DTYPE")  # unset now, and unset again after the test
+    (tmp_path / ".env").write_text("FLEXYFACE_DEVICE=cuda\nFLEXYFACE_DTYPE=bf16\n")
+    cli._load_dotenv()
+    assert os.environ["FLEXYFACE_DEVICE"] == "cpu"  # exported: kept
+    assert os.environ["FLEXYFACE_DTYPE"] == "bf16"  # only in .env: read from it
