@@ -1,6 +1,7 @@
 # FlexyFace pipeline — set-up, demo and tests.
 #   make demo   create .venv, install, and run an offline demo sweep on tiny models (CPU)
 #   make test   create .venv, install, and run the test suite
+#   make clean-demo   remove the demo sweep (only it) and refresh the export
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -58,5 +59,15 @@ test-fast: setup
 dev: setup
 	$(VENV)/bin/dagster dev
 
+# Removes the demo sweep ($(DEMO_SWEEP)) and nothing else: its tables, images and contact sheets,
+# and its partition in the instance; then the export is rebuilt without its rows. Other sweeps,
+# the run history and data/models/ stay.
 clean-demo:
-	rm -rf data/sweeps data/images data/exports data/dagster
+	@case "$(DEMO_SWEEP)" in ""|.|..|*/*) echo "DEMO_SWEEP must be a sweep name, not '$(DEMO_SWEEP)'" >&2; exit 2 ;; esac
+	rm -rf data/sweeps/$(DEMO_SWEEP) data/images/$(DEMO_SWEEP) data/exports/grids/$(DEMO_SWEEP)
+	@if [ -x $(VENV)/bin/flexyface ] && [ -f .env ] && [ -e data/dagster/dagster.yaml ]; then \
+	  $(VENV)/bin/dotenv -f .env run -- $(VENV)/bin/python -c "import sys, dagster as dg; \
+	i = dg.DagsterInstance.get(); s = sys.argv[1]; \
+	i.has_dynamic_partition('sweeps', s) and i.delete_dynamic_partition('sweeps', s)" "$(DEMO_SWEEP)" && \
+	  echo "sweep partition $(DEMO_SWEEP) removed from the instance" && $(VENV)/bin/flexyface export; \
+	else echo "no instance set up (make setup): only the files were removed"; fi

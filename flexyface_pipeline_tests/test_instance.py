@@ -271,6 +271,45 @@ def test_make_instance_switches_to_postgres_and_back(tmp_path):
         assert _gpu_limit(home) == (1, False)
 
 
+def test_make_clean_demo_removes_the_demo_sweep_only(tmp_path):
+    checkout = _checkout(tmp_path / "checkout")
+    done = _make_instance(checkout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    data, home = checkout / "data", checkout / "data" / "dagster"
+    kept = {}
+    for sweep in ("demo", "other", "demo2"):
+        for path in (data / "sweeps" / sweep / "sweep.json", data / "images" / sweep / "0001.png",
+                     data / "exports" / "grids" / sweep / "prompt-0.png"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{sweep} {path.name}")
+            if sweep != "demo":
+                kept[path] = path.read_text()
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("sweeps", ["demo", "other", "demo2"])
+        earlier = instance.add_run(dg.DagsterRun(job_name="sweep_job", run_id="0" * 36, tags={"dagster/partition": "other"}))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXYFACE_", "DAGSTER_", "MAKE"))}
+    command = ["make", "-f", str(REPO / "Makefile"), "-C", str(checkout), "clean-demo"]
+    cleaned = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert "sweep partition demo removed from the instance" in cleaned.stdout
+    for path in (data / "sweeps" / "demo", data / "images" / "demo", data / "exports" / "grids" / "demo"):
+        assert not path.exists()
+    assert {path: path.read_text() for path in kept} == kept
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_dynamic_partitions("sweeps") == ["other", "demo2"]
+        runs = instance.get_runs()
+        assert earlier.run_id in {r.run_id for r in runs}  # run history stays
+        [export] = [r for r in runs if r.job_name == "export_job"]
+        assert export.status == dg.DagsterRunStatus.SUCCESS
+    assert (data / "exports" / "sweep_results.parquet").is_file()  # rebuilt without the demo
+
+    refused = subprocess.run([*command, "DEMO_SWEEP="], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert "DEMO_SWEEP must be a sweep name" in refused.stderr
+    assert all(path.exists() for path in kept)
+
+
 # -- Deployment files --------------------------------------------------------------------------
 
 def _compose_command() -> list[str] | None:
