@@ -555,9 +555,8 @@ def test_bf16_autocast_on_cpu_within_tolerance(tiny, tiny_dirs, images, metric) 
     np.testing.assert_allclose(got, expected, atol=BF16_TOLERANCE[metric], rtol=0)
 
 
-@pytest.mark.parametrize("metric", ["clip_score", "hps_v2_score"])
-def test_each_distinct_prompt_is_encoded_once(tiny_dirs, images, tmp_path, metric) -> None:
-    scorer = SCORERS[metric].load(str(tiny_dirs[metric]), CPU, offline=True)
+def _record_encoded_prompts(scorer) -> list[str]:
+    """The prompts ``scorer`` sends through its text tower from now on, in order."""
     encoded: list[str] = []
     encode = scorer._encode_prompts
 
@@ -566,6 +565,13 @@ def test_each_distinct_prompt_is_encoded_once(tiny_dirs, images, tmp_path, metri
         return encode(prompts)
 
     scorer._encode_prompts = counting
+    return encoded
+
+
+@pytest.mark.parametrize("metric", ["clip_score", "hps_v2_score"])
+def test_each_distinct_prompt_is_encoded_once(tiny_dirs, images, tmp_path, metric) -> None:
+    scorer = SCORERS[metric].load(str(tiny_dirs[metric]), CPU, offline=True)
+    encoded = _record_encoded_prompts(scorer)
     paths = []
     for i, image in enumerate(images):
         paths.append(tmp_path / f"{i}.png")
@@ -581,14 +587,8 @@ def test_each_distinct_prompt_is_encoded_once(tiny_dirs, images, tmp_path, metri
 def test_prompt_cache_over_its_limit_keeps_every_requested_prompt(tiny_dirs, monkeypatch) -> None:
     monkeypatch.setattr(metrics_base, "MAX_CACHED_PROMPTS", 3)
     scorer = ClipScorer.load(str(tiny_dirs["clip_score"]), CPU, offline=True)
-    encoded: list[str] = []
     encode = scorer._encode_prompts
-
-    def counting(prompts):
-        encoded.extend(prompts)
-        return encode(prompts)
-
-    scorer._encode_prompts = counting
+    encoded = _record_encoded_prompts(scorer)
     with torch.inference_mode():
         alone = {p: encode([p])[0] for p in ("a", "b", "c", "d", "e", "f", "g")}
 
