@@ -10,12 +10,14 @@ exit status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import groupby
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("flexyface")
 
@@ -33,7 +35,10 @@ def _load_dotenv() -> None:
         load_dotenv(path, override=False)
 
 
-def _instance():
+@contextlib.contextmanager
+def _instance() -> Iterator[Any]:
+    """The instance of ``DAGSTER_HOME``, entered for the command: definitions resolved meanwhile
+    read their state from it, and it is disposed of afterwards."""
     import dagster as dg
 
     from flexyface_pipeline.defs.recovery import recover_dead_runs
@@ -43,9 +48,9 @@ def _instance():
             "DAGSTER_HOME is not set: run `make setup` (it writes .env) or export DAGSTER_HOME to a directory "
             "holding dagster.yaml"
         )
-    instance = dg.DagsterInstance.get()
-    recover_dead_runs(instance, logger)  # a killed run must not keep the gpu slot
-    return instance
+    with dg.DagsterInstance.get() as instance:
+        recover_dead_runs(instance, logger)  # a killed run must not keep the gpu slot
+        yield instance
 
 
 def _tags() -> dict[str, str]:
@@ -134,13 +139,13 @@ def run_sweep(args: argparse.Namespace) -> None:
     from flexyface_pipeline.defs.partitions import sweeps_partitions
 
     _validate_sweep(args)
-    instance = _instance()
-    if not instance.has_dynamic_partition(sweeps_partitions.name, args.name):
-        instance.add_dynamic_partitions(sweeps_partitions.name, [args.name])
-        logger.info("added sweep partition %s", args.name)
-    job = defs.resolve_job_def("sweep_job")
-    result = job.execute_in_process(instance=instance, partition_key=args.name, run_config=_sweep_run_config(args),
-                                    tags=_tags(), raise_on_error=False)
+    with _instance() as instance:
+        if not instance.has_dynamic_partition(sweeps_partitions.name, args.name):
+            instance.add_dynamic_partitions(sweeps_partitions.name, [args.name])
+            logger.info("added sweep partition %s", args.name)
+        job = defs.resolve_job_def("sweep_job")
+        result = job.execute_in_process(instance=instance, partition_key=args.name,
+                                        run_config=_sweep_run_config(args), tags=_tags(), raise_on_error=False)
     _check(result, f"sweep {args.name}")
     if not args.no_export:
         run_export(args)
@@ -149,8 +154,9 @@ def run_sweep(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from flexyface_pipeline.definitions import defs
 
-    instance = _instance()
-    result = defs.resolve_job_def("export_job").execute_in_process(instance=instance, tags=_tags(), raise_on_error=False)
+    with _instance() as instance:
+        result = defs.resolve_job_def("export_job").execute_in_process(instance=instance, tags=_tags(),
+                                                                       raise_on_error=False)
     _check(result, "export")
     exports = _storage_root() / "exports"
     logger.info("exports written under %s", exports)
@@ -169,38 +175,38 @@ def run_rescore(args: argparse.Namespace) -> None:
     from flexyface_pipeline.lib.store import SweepStore
 
     metrics = validate_metrics(args.metric)
-    instance = _instance()
-    known = instance.get_dynamic_partitions(sweeps_partitions.name)
-    if args.all:
-        if not known:
-            raise CliError("there is no sweep to re-score yet")
-        store = SweepStore(_storage_root())
-        skipped = [s for s in known if not store.has_table("images", s)]
-        if skipped:
-            logger.warning("skipping %d sweep(s) without images yet: %s", len(skipped), ", ".join(skipped))
-        if len(skipped) == len(known):
-            raise CliError(f"no sweep has images yet (sweeps: {', '.join(known)})")
-        # Runs over consecutive sweeps with images: a partition range would include a skipped sweep.
-        blocks = [list(group) for has_images, group in groupby(known, key=lambda s: s not in skipped) if has_images]
-    else:
-        unknown = [s for s in args.sweep if s not in known]
-        if unknown:
-            raise CliError(f"unknown sweep(s) {unknown}; known sweeps: {known}")
-        blocks = [[sweep] for sweep in args.sweep]
-    selection = [SCORE_TABLES[m][0] for m in metrics]
-    job = dg.define_asset_job("rescore", selection=selection)
-    resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("rescore")
-    for block in blocks:
-        if len(block) > 1:
-            # One run over the block: the score assets' single-run backfill policy loads each model once.
-            tags = _tags() | {"dagster/asset_partition_range_start": block[0],
-                              "dagster/asset_partition_range_end": block[-1]}
-            result = resolved.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
-            _check(result, f"re-scoring sweeps {block[0]} to {block[-1]}")
+    with _instance() as instance:
+        known = instance.get_dynamic_partitions(sweeps_partitions.name)
+        if args.all:
+            if not known:
+                raise CliError("there is no sweep to re-score yet")
+            store = SweepStore(_storage_root())
+            skipped = [s for s in known if not store.has_table("images", s)]
+            if skipped:
+                logger.warning("skipping %d sweep(s) without images yet: %s", len(skipped), ", ".join(skipped))
+            if len(skipped) == len(known):
+                raise CliError(f"no sweep has images yet (sweeps: {', '.join(known)})")
+            # Runs over consecutive sweeps with images: a partition range would include a skipped sweep.
+            blocks = [list(group) for has_images, group in groupby(known, key=lambda s: s not in skipped) if has_images]
         else:
-            result = resolved.execute_in_process(instance=instance, partition_key=block[0], tags=_tags(),
-                                                 raise_on_error=False)
-            _check(result, f"re-scoring {block[0]}")
+            unknown = [s for s in args.sweep if s not in known]
+            if unknown:
+                raise CliError(f"unknown sweep(s) {unknown}; known sweeps: {known}")
+            blocks = [[sweep] for sweep in args.sweep]
+        selection = [SCORE_TABLES[m][0] for m in metrics]
+        job = dg.define_asset_job("rescore", selection=selection)
+        resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("rescore")
+        for block in blocks:
+            if len(block) > 1:
+                # One run over the block: the score assets' single-run backfill policy loads each model once.
+                tags = _tags() | {"dagster/asset_partition_range_start": block[0],
+                                  "dagster/asset_partition_range_end": block[-1]}
+                result = resolved.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+                _check(result, f"re-scoring sweeps {block[0]} to {block[-1]}")
+            else:
+                result = resolved.execute_in_process(instance=instance, partition_key=block[0], tags=_tags(),
+                                                     raise_on_error=False)
+                _check(result, f"re-scoring {block[0]}")
     if not args.no_export:
         run_export(args)
 
@@ -209,8 +215,8 @@ def run_recover(args: argparse.Namespace) -> None:
     """``_instance()`` already recovers; report what it found."""
     import dagster as dg
 
-    instance = _instance()
-    left = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+    with _instance() as instance:
+        left = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
     sys.stdout.write(f"{len(left)} run(s) still in progress\n")
 
 
