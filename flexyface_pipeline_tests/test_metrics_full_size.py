@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flexyface_pipeline.lib.metrics import AestheticV1Scorer, AestheticV2Scorer, ClipScorer, HpsV2Scorer
-from flexyface_pipeline.lib.models.common import free_memory, resolve_runtime
+from flexyface_pipeline.lib.models.common import DigestCache, free_memory, resolve_runtime
 from flexyface_pipeline_tests.test_metrics import BF16_TOLERANCE
 
 pytestmark = pytest.mark.slow
@@ -32,11 +32,12 @@ def _image() -> PIL.Image.Image:
 def test_full_size_clip_l14_scorers(tmp_path) -> None:
     image = _image()
     scorers = {}
+    digests = DigestCache(tmp_path / "model_digests.json")  # as a run keeps them: each file hashed once
     try:
         for cls in (ClipScorer, AestheticV1Scorer, AestheticV2Scorer):
             cls.build_random_full(tmp_path / cls.metric)
             assert (tmp_path / cls.metric / "model.safetensors").stat().st_size > 1e9
-            scorer = cls.load(str(tmp_path / cls.metric), CPU, offline=True)
+            scorer = cls.load(str(tmp_path / cls.metric), CPU, offline=True, digests=digests)
             vision = scorer.model.config.vision_config if cls is ClipScorer else scorer.model.config
             assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.image_size,
                     vision.projection_dim) == (1024, 24, 14, 224, 768)
@@ -59,7 +60,8 @@ def test_full_size_clip_l14_scorers(tmp_path) -> None:
         # bfloat16 autocast against float32 on the full-size tower (the tolerance's basis). Random
         # CLIP weights give negative cosines (clipped to 0), so the raw cosine is compared too.
         for cls in (ClipScorer, AestheticV1Scorer, AestheticV2Scorer):
-            bf16 = cls.load(str(tmp_path / cls.metric), CPU_BF16, offline=True)
+            bf16 = cls.load(str(tmp_path / cls.metric), CPU_BF16, offline=True, digests=digests)
+            assert bf16.identity == scorers[cls.metric][0].identity
             try:
                 fp32_scorer, fp32_value = scorers[cls.metric]
                 bf16_embedding = bf16.image_embeddings([image])
@@ -91,7 +93,8 @@ def test_full_size_hps_vit_h14(tmp_path) -> None:
     assert checkpoint["state_dict"]["visual.proj"].dtype == torch.float16
     del checkpoint
 
-    scorer = HpsV2Scorer.load(str(tmp_path / "hps"), CPU, offline=True)
+    digests = DigestCache(tmp_path / "model_digests.json")
+    scorer = HpsV2Scorer.load(str(tmp_path / "hps"), CPU, offline=True, digests=digests)
     try:
         assert scorer.architecture == "ViT-H-14"
         assert sum(p.numel() for p in scorer.model.parameters()) > 980_000_000
@@ -102,7 +105,8 @@ def test_full_size_hps_vit_h14(tmp_path) -> None:
         assert value.shape == (1,) and np.isfinite(value).all() and abs(value[0]) <= 1.0
     finally:
         scorer.close()
-    bf16 = HpsV2Scorer.load(str(tmp_path / "hps"), CPU_BF16, offline=True)
+    bf16 = HpsV2Scorer.load(str(tmp_path / "hps"), CPU_BF16, offline=True, digests=digests)
+    assert bf16.identity == scorer.identity
     try:
         got = bf16.score([_image()], [PROMPT])
         logger.info("hps_v2_score: bf16 moved the score by %.2e", abs(got[0] - value[0]))
