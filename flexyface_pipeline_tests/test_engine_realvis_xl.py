@@ -277,6 +277,25 @@ def test_generate_rejects_batches_plan_batches_would_split(engine: RealVisXLEngi
         engine.generate([])
 
 
+def test_infinite_decoder_output_is_an_error_not_a_white_image(tiny_sdxl_dir: Path) -> None:
+    # An overflowing VAE can give inf without NaN; postprocessing would clamp it to white.
+    with RealVisXLEngine.load(str(tiny_sdxl_dir), resolve_runtime("cpu", "fp32"), offline=True) as loaded:
+        good = loaded.generate_arrays([_request(0, guidance=5.0)])
+        assert np.isfinite(good).all() and good.std() > 0
+        with torch.no_grad():
+            loaded.pipeline.vae.decoder.conv_out.bias.fill_(float("inf"))
+        with pytest.raises(RuntimeError, match=r"non-finite pixel values in \['img-000'\]"):
+            loaded.generate_arrays([_request(0, guidance=5.0)])
+
+
+def test_warm_up_is_wanted_on_cuda_or_when_compiled(tiny_sdxl_dir: Path, engine: RealVisXLEngine) -> None:
+    assert engine.runtime.device.type == "cpu" and not engine.compiled and not engine.needs_warm_up
+    assert RealVisXLEngine(None, Runtime(torch.device("cuda"), torch.bfloat16), engine.identity).needs_warm_up
+    compiled = RealVisXLEngine(engine.pipeline, engine.runtime, engine.identity)
+    compiled.compiled = True
+    assert compiled.needs_warm_up
+
+
 def test_close_releases_the_pipeline(tiny_sdxl_dir: Path) -> None:
     loaded = RealVisXLEngine.load(str(tiny_sdxl_dir), resolve_runtime("cpu"), offline=True)
     loaded.close()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from flexyface_pipeline.lib import generation
 from flexyface_pipeline.lib.config import build_sweep_spec
-from flexyface_pipeline.lib.engines.base import MAX_CUDA_BATCH
+from flexyface_pipeline.lib.engines.base import MAX_CUDA_BATCH, Engine
 from flexyface_pipeline.lib.generation import generate_sweep, read_png_record
 from flexyface_pipeline.lib.sampling import sample_parameters
 from flexyface_pipeline.lib.store import SweepStore
@@ -41,18 +41,26 @@ class _Recording:
     """The tiny engine, recording each batch it is asked for; runs out of CUDA memory on batches
     larger than ``fits`` (as a GPU would), and sets ``started[k]`` when call k begins."""
 
-    def __init__(self, engine, fits: int | None = None) -> None:
+    def __init__(self, engine, fits: int | None = None, *, error=None, warm_up: bool = False) -> None:
         self.engine, self.fits = engine, fits
+        self.error = error or (lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB"))
         self.identity, self.runtime = engine.identity, engine.runtime
         self.plan_batches, self.batch_size_for = engine.plan_batches, engine.batch_size_for
+        self.batch_key = engine.batch_key
+        self.needs_warm_up = warm_up  # as on CUDA
         self.calls: list[list[str]] = []
+        self.steps: list[int] = []
         self.started = [threading.Event() for _ in range(64)]
+
+    def warm_up(self, batch):
+        return Engine.warm_up(self, batch)
 
     def generate(self, batch):
         self.started[len(self.calls)].set()
         self.calls.append([r.image_id for r in batch])
+        self.steps.append(batch[0].steps)
         if self.fits is not None and len(batch) > self.fits:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+            raise self.error()
         return self.engine.generate(batch)
 
 
@@ -120,9 +128,46 @@ def test_out_of_memory_halving_keeps_batches_that_fit(models, data_dir) -> None:
     assert sorted(i for c in recording.calls[1:] for i in c) == sorted(_parameters(data_dir)["image_id"])
 
 
+def test_allocation_failures_outside_the_allocator_also_halve_the_batch(models, data_dir, caplog) -> None:
+    # cuBLAS/cuDNN allocations fail with a plain RuntimeError that says so.
+    recording = _Recording(models.engine("realvis_xl"), fits=3,
+                           error=lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    with caplog.at_level(logging.WARNING):
+        report = generate_sweep(_parameters(data_dir), SweepStore(data_dir), lambda: recording, batch_size=4)
+    assert [len(c) for c in recording.calls] == [4, 2, 2, 2, 1]
+    assert report.generated == NUM_IMAGES
+    assert "CUDA out of memory generating 4 images; retrying with batches of 2" in caplog.text
+    # Any other error stops the sweep at once.
+    failing = _Recording(models.engine("realvis_xl"), fits=3, error=lambda: RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        generate_sweep(_parameters(data_dir, "other"), SweepStore(data_dir), lambda: failing, batch_size=4)
+    assert [len(c) for c in failing.calls] == [4]
+
+
+def test_each_batch_shape_is_warmed_up_untimed_once(models, data_dir, tmp_path, caplog) -> None:
+    params = _parameters(data_dir)
+    recording = _Recording(models.engine("realvis_xl"), fits=3, warm_up=True)
+    with caplog.at_level(logging.INFO):
+        report = generate_sweep(params, SweepStore(data_dir), lambda: recording, batch_size=4)
+    # Batches of 4 and 3 planned. The warm-up of 4 runs out of memory (halving to 2); then
+    # one warm-up (2 steps) per new shape, 2 and 1, before its first timed call (4 steps).
+    sizes_and_steps = [(len(c), s) for c, s in zip(recording.calls, recording.steps)]
+    assert sizes_and_steps == [(4, 2), (2, 2), (2, 4), (2, 4), (2, 4), (1, 2), (1, 4)]
+    assert caplog.text.count("warm-up call for batches of") == 2
+    assert 0 < report.warm_up_seconds < report.seconds
+    # Warm-up calls leave no trace in the images: the same pixels as a sweep without them.
+    plain = SweepStore(tmp_path / "plain")
+    generate_sweep(params, plain, lambda: _Recording(models.engine("realvis_xl"), fits=3), batch_size=4)
+    for image_id in params["image_id"]:
+        got = SweepStore(data_dir).image_path("gen", image_id)
+        assert np.array_equal(_pixels(got), _pixels(plain.image_path("gen", image_id))), image_id
+    assert generate_sweep(params, SweepStore(data_dir), lambda: recording, batch_size=4).warm_up_seconds == 0
+
+
 def test_files_are_written_while_the_next_batch_generates(models, data_dir, monkeypatch) -> None:
     """The PNGs of batch k are held until batch k + 1 has started: with writes on the critical
-    path this would stall (and fail after the timeout). Progress counts exactly the files on disk."""
+    path this would stall (and fail after the timeout). Progress counts only batches whose files
+    are all on disk (the last batch's file, never held, may be there already)."""
     params = _parameters(data_dir)
     store = SweepStore(data_dir)
     recording = _Recording(models.engine("realvis_xl"))
@@ -138,12 +183,13 @@ def test_files_are_written_while_the_next_batch_generates(models, data_dir, monk
     progress = []
 
     def after_batch(finished: int) -> None:
-        progress.append((finished, len(list(store.images_dir("gen").glob("*.png")))))
+        counted = [i for call in recording.calls for i in call][:finished]
+        progress.append((finished, all(store.image_path("gen", i).is_file() for i in counted)))
 
     monkeypatch.setattr(generation, "write_png", held_write)
     report = generate_sweep(params, store, lambda: recording, batch_size=2, after_batch=after_batch)
     assert [len(c) for c in recording.calls] == [2, 2, 2, 1]
-    assert progress == [(2, 2), (4, 4), (6, 6), (7, 7)]
+    assert progress == [(2, True), (4, True), (6, True), (7, True)]
     assert report.generated == NUM_IMAGES
 
 

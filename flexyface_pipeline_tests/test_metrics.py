@@ -318,8 +318,9 @@ def test_score_paths_equals_direct_scoring(tiny, images, tmp_path) -> None:
 class _OutOfMemoryAbove:
     """A scorer that runs out of CUDA memory on batches larger than ``limit`` (as a GPU would)."""
 
-    def __init__(self, scorer, limit: int) -> None:
+    def __init__(self, scorer, limit: int, error=None) -> None:
         self.scorer, self.limit, self.sizes = scorer, limit, []
+        self.error = error or (lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
         self.metric, self.runtime = scorer.metric, scorer.runtime
         self.activation_bytes_per_image = scorer.activation_bytes_per_image
         self.prepare = scorer.prepare
@@ -327,7 +328,7 @@ class _OutOfMemoryAbove:
     def score_prepared(self, pixels, prompts):
         self.sizes.append(len(pixels))
         if len(pixels) > self.limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise self.error()
         return self.scorer.score_prepared(pixels, prompts)
 
 
@@ -344,6 +345,32 @@ def test_score_paths_halves_the_batch_on_out_of_memory(tiny, images, tmp_path, c
     assert "retrying with batch size 4" in caplog.text and "retrying with batch size 2" in caplog.text
     with pytest.raises(torch.cuda.OutOfMemoryError):
         score_paths(_OutOfMemoryAbove(tiny["clip_score"], limit=0), paths, PROMPTS, batch_size=4)
+
+
+def test_allocation_failures_outside_the_allocator_halve_too_and_others_do_not(tiny, images, tmp_path) -> None:
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        image.save(paths[-1])
+    cudnn = _OutOfMemoryAbove(tiny["aesthetic_score"], limit=2,
+                              error=lambda: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    got = score_paths(cudnn, paths, PROMPTS, batch_size=4)
+    np.testing.assert_allclose(got, score_paths(tiny["aesthetic_score"], paths, PROMPTS), atol=1e-5, rtol=0)
+    assert cudnn.sizes == [4, 2, 2, 1]
+    other = _OutOfMemoryAbove(tiny["aesthetic_score"], limit=2, error=lambda: RuntimeError("expected 3 channels"))
+    with pytest.raises(RuntimeError, match="expected 3 channels"):
+        score_paths(other, paths, PROMPTS, batch_size=4)
+    assert other.sizes == [4]
+
+
+def test_is_out_of_memory_knows_the_allocation_failures() -> None:
+    from flexyface_pipeline.lib.models.common import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"))
+    assert not is_out_of_memory(ValueError("out of memory"))
 
 
 def test_score_paths_rejects_bad_input_before_work(tiny, tmp_path) -> None:

@@ -14,16 +14,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-import torch
 from PIL import Image, PngImagePlugin
 
 from flexyface_pipeline.lib.atomic import atomic_path
 from flexyface_pipeline.lib.engines.base import Engine, ImageRequest
-from flexyface_pipeline.lib.models.common import ModelIdentity, free_memory
+from flexyface_pipeline.lib.models.common import ModelIdentity, free_memory, is_out_of_memory
 from flexyface_pipeline.lib.store import SweepStore
 
 logger = logging.getLogger(__name__)
@@ -87,15 +87,23 @@ def write_png(path: Path, image: Image.Image, record: dict) -> Path:
     return path
 
 
-def _generate_fitting(engine: Engine, batch: list[ImageRequest]) -> list[Image.Image] | None:
-    """The batch's images, or None if CUDA ran out of memory on a batch of more than one image
-    (returning, not raising, releases the failed call's tensors along with its traceback)."""
+_FAILED = object()
+
+
+def _fitting(call: Callable[[list[ImageRequest]], Any], batch: list[ImageRequest]) -> Any:
+    """``call(batch)``, or ``_FAILED`` if the device ran out of memory on a batch of more than
+    one image (returning, not raising, releases the failed call's tensors with its traceback)."""
     try:
-        return engine.generate(batch)
-    except torch.cuda.OutOfMemoryError:
-        if len(batch) == 1:
+        return call(batch)
+    except RuntimeError as exc:
+        if len(batch) == 1 or not is_out_of_memory(exc):
             raise
-        return None
+        return _FAILED
+
+
+def _shape(engine: Engine, batch: list[ImageRequest]) -> tuple:
+    """What a pipeline call's tensors depend on: the batch's size and key, steps aside."""
+    return len(batch), engine.batch_key(replace(batch[0], steps=1))
 
 
 @dataclass
@@ -104,6 +112,7 @@ class GenerationReport:
     generated: int
     reused: int
     seconds: float
+    warm_up_seconds: float = 0.0  # untimed warm-up calls (CUDA, compiled UNet), within ``seconds``
 
 
 def generate_sweep(
@@ -129,12 +138,17 @@ def generate_sweep(
     a batch counts as finished (progress log, ``after_batch``) once its files are on disk.
     ``elapsed_ms`` of an image is the wall time of the pipeline call that produced its batch
     divided by the batch's size: text encoding, denoising and VAE decoding, not PNG encoding.
+    Where the engine asks for it (``Engine.needs_warm_up``: CUDA, or a compiled UNet), the first
+    batch of each shape (size, width, height, guidance mode) is preceded by an untimed call of
+    at most two steps, so one-time costs (kernel loading and selection, compilation) stay out
+    of ``elapsed_ms``.
     """
     log = log or logger
     start = time.perf_counter()
     rows = parameters.to_dict("records")
     done: dict[str, dict] = {}
     todo: list[dict] = []
+    warm_up_seconds = 0.0
     other_model: dict[tuple[str, str], int] = {}  # (model, revision) of images made by other weights
     for row in rows:
         path = store.image_path(row["sweep"], row["image_id"])
@@ -170,6 +184,8 @@ def generate_sweep(
         queue = deque(engine.plan_batches(requests, size_of))
         identity = engine.identity
         limit: int | None = None  # largest batch that fits, once an out-of-memory error said so
+        warm_up = bool(getattr(engine, "needs_warm_up", False))
+        warmed: set[tuple] = set()
         finished = 0
         writing: tuple[list[Future], list[ImageRequest], float] | None = None
 
@@ -190,15 +206,26 @@ def generate_sweep(
                 if limit is not None and len(batch) > limit:
                     queue.extendleft(reversed([batch[i : i + limit] for i in range(0, len(batch), limit)]))
                     continue
-                t0 = time.perf_counter()
-                images = _generate_fitting(engine, batch)
-                if images is None:
+                result: Any = None
+                if warm_up and _shape(engine, batch) not in warmed:
+                    t0 = time.perf_counter()
+                    result = _fitting(engine.warm_up, batch)
+                    warm_up_seconds += time.perf_counter() - t0
+                    if result is not _FAILED:
+                        warmed.add(_shape(engine, batch))
+                        log.info("warm-up call for batches of %d at %dx%d took %.1f s (not in elapsed_ms)",
+                                 len(batch), batch[0].width, batch[0].height, time.perf_counter() - t0)
+                if result is not _FAILED:
+                    t0 = time.perf_counter()
+                    result = _fitting(engine.generate, batch)
+                if result is _FAILED:
                     limit = len(batch) // 2
                     queue.appendleft(batch)
                     free_memory(engine.runtime.device)
                     log.warning("CUDA out of memory generating %d images; retrying with batches of %d",
                                 len(batch), limit)
                     continue
+                images = result
                 per_image_ms = (time.perf_counter() - t0) * 1000.0 / len(batch)
                 futures = []
                 for req, image in zip(batch, images, strict=True):
@@ -234,4 +261,5 @@ def generate_sweep(
         columns=IMAGE_COLUMNS,
     )
     return GenerationReport(table=table, generated=len(todo), reused=len(rows) - len(todo),
-                            seconds=time.perf_counter() - start)
+                            seconds=time.perf_counter() - start,
+                            warm_up_seconds=warm_up_seconds)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -90,6 +90,18 @@ class Engine(abc.ABC):
 
     identity: ModelIdentity  # what produced the images: hub id or path, and revision
     runtime: Runtime
+    compiled: bool = False  # the denoiser runs under torch.compile
+
+    @property
+    def needs_warm_up(self) -> bool:
+        """Whether the first call of a batch shape pays one-time costs worth keeping out of
+        ``elapsed_ms``: CUDA (kernel loading, cuBLAS/cuDNN selection) and compiled models."""
+        return self.runtime.is_cuda or self.compiled
+
+    def warm_up(self, batch: Sequence[ImageRequest]) -> None:
+        """An untimed call shaped like ``batch`` with at most two steps; its images are dropped.
+        The tensors' shapes do not depend on the step count."""
+        self.generate([replace(r, steps=min(r.steps, 2)) for r in batch])
 
     @classmethod
     @abc.abstractmethod

@@ -185,6 +185,8 @@ class RealVisXLEngine(Engine):
             torch.nn.Module.to(pipeline.vae, dtype=torch.float32)
         pipeline.set_progress_bar_config(disable=True)
         if compile:
+            # Compiles at the first call of each input shape (batch size, size, guidance mode);
+            # generate_sweep makes that call untimed (Engine.warm_up).
             pipeline.unet.compile()
         identity = identify(location, resolved, digests)
         logger.info(
@@ -192,7 +194,9 @@ class RealVisXLEngine(Engine):
             cls.name, identity.model_id, identity.revision, runtime.device, runtime.dtype,
             pipeline.vae.dtype, time.perf_counter() - start, ", UNet compiled" if compile else "",
         )
-        return cls(pipeline, runtime, identity)
+        engine = cls(pipeline, runtime, identity)
+        engine.compiled = compile
+        return engine
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -235,8 +239,8 @@ class RealVisXLEngine(Engine):
             generator=generators,
             output_type="latent",
         ).images
-        images = self._decode(latents)
-        bad = [r.image_id for r, image in zip(batch, images) if not np.isfinite(image).all()]
+        images, finite = self._decode(latents)
+        bad = [r.image_id for r, ok in zip(batch, finite) if not ok]
         if bad:
             raise RuntimeError(
                 f"{self.name}: non-finite pixel values in {bad} ({self.runtime.dtype}); the model overflowed "
@@ -254,8 +258,10 @@ class RealVisXLEngine(Engine):
         return self.pipeline.image_processor.numpy_to_pil(images)
 
     @torch.no_grad()
-    def _decode(self, latents: torch.Tensor) -> np.ndarray:
-        """VAE-decode one image at a time (bounded memory; a batch decodes as its images would alone)."""
+    def _decode(self, latents: torch.Tensor) -> tuple[np.ndarray, list[bool]]:
+        """VAE-decode one image at a time (bounded memory; a batch decodes as its images would
+        alone). Returns the images and, per image, whether the decoder's output was finite
+        (checked before postprocessing, whose clamp turns inf into white or black)."""
         vae = self.pipeline.vae
         config = vae.config
         latents = latents.to(dtype=vae.dtype)
@@ -268,7 +274,8 @@ class RealVisXLEngine(Engine):
         else:
             latents = latents / config.scaling_factor
         decoded = torch.cat([vae.decode(latent[None], return_dict=False)[0] for latent in latents])
-        return self.pipeline.image_processor.postprocess(decoded, output_type="np")
+        finite = torch.isfinite(decoded).flatten(1).all(dim=1).tolist()
+        return self.pipeline.image_processor.postprocess(decoded, output_type="np"), finite
 
     def close(self) -> None:
         if self._pipeline is not None:

@@ -120,6 +120,17 @@ def _check_sizes(batch_size: int | None, workers: int | None) -> None:
         raise ValueError(f"workers must be at least 1, got {workers}")
 
 
+def _step_fitting(step: Callable[[torch.Tensor, int], None], batch: torch.Tensor, start: int) -> bool:
+    """Run ``step``; False if the device ran out of memory on a batch of more than one image."""
+    try:
+        step(batch, start)
+    except RuntimeError as exc:
+        if len(batch) == 1 or not common.is_out_of_memory(exc):
+            raise
+        return False
+    return True
+
+
 def run_batches(
     paths: Sequence[Path],
     prepare: Prepare,
@@ -129,10 +140,12 @@ def run_batches(
     workers: int,
     label: str,
     log: logging.Logger,
+    device: torch.device | None = None,
 ) -> list[str]:
     """Prepare ``paths`` in worker threads and call ``step(pixels, start)`` for consecutive
     batches (``pixels`` holds images ``start .. start + len(pixels)``). Returns the SHA-256 of
-    each file's bytes, in order. A CUDA out-of-memory error in ``step`` halves the batch size."""
+    each file's bytes, in order. A CUDA out-of-memory error in ``step`` halves the batch size
+    (and hands ``device``'s cached memory back before the retry)."""
     digests: list[str] = []
     if not paths:
         return digests
@@ -147,14 +160,11 @@ def run_batches(
                 buffer.append(pixels)
                 digests.append(digest)
             batch = torch.stack(buffer[:size])
-            try:
-                step(batch, start)
-            except torch.cuda.OutOfMemoryError:
-                if size == 1:
-                    raise
+            if not _step_fitting(step, batch, start):
+                # Freed after the handler: the traceback held the failed call's tensors until now.
                 del batch
                 size = max(1, size // 2)
-                torch.cuda.empty_cache()
+                common.free_memory(device)
                 log.warning("%s: CUDA out of memory; retrying with batch size %d", label, size)
                 continue
             done = len(batch)
@@ -192,7 +202,7 @@ def score_paths(
         scores[start : start + len(pixels)] = scorer.score_prepared(pixels, prompts[start : start + len(pixels)])
 
     run_batches(paths, scorer.prepare, step, batch_size=batch_size, workers=workers or default_workers(),
-                label=scorer.metric, log=log)
+                label=scorer.metric, log=log, device=scorer.runtime.device)
     return scores
 
 
@@ -218,7 +228,7 @@ def embed_paths(
 
     digests = run_batches(paths, embedder.prepare, step, batch_size=batch_size,
                           workers=workers or default_workers(), label=getattr(embedder, "metric", "embedding"),
-                          log=log)
+                          log=log, device=embedder.runtime.device)  # type: ignore[attr-defined]
     if not parts:
         return np.empty((0, 0), dtype=np.float32), digests
     return np.concatenate(parts).astype(np.float32, copy=False), digests

@@ -81,8 +81,21 @@ def free_memory(device: torch.device | None = None) -> None:
     """Collect garbage and hand cached CUDA memory back, as between two metrics."""
     gc.collect()
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+_ALLOCATION_FAILURES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                        "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device ran out of memory: torch's allocator raises
+    ``torch.OutOfMemoryError``; cuBLAS, cuDNN and kernel launches that fail to allocate outside
+    it raise a plain ``RuntimeError`` that says so."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _ALLOCATION_FAILURES)
 
 
 def is_local(location: str) -> bool:
