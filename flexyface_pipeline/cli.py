@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from itertools import groupby
@@ -128,10 +129,51 @@ def _failure(result) -> str:
     return "no failure event recorded"
 
 
-def _check(result, what: str) -> None:
+def _problem(result, what: str) -> str | None:
+    """Why the run did not do its job: a failure, or a failed check of ERROR severity (which
+    does not fail the run, but means its data must not be trusted); None when all is well."""
+    import dagster as dg
+
     if not result.success:
         detail = " ".join(_failure(result).split())
-        raise CliError(f"{what} failed (run {result.run_id}): {detail}")
+        return f"{what} failed (run {result.run_id}): {detail}"
+    failed = [e for e in result.get_asset_check_evaluations()
+              if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR]
+    if failed:
+        detail = "; ".join(f"{e.asset_key.to_user_string()}.{e.check_name}: "
+                           f"{' '.join((e.description or 'failed').split())}" for e in failed)
+        return f"{what}: {len(failed)} check(s) failed (run {result.run_id}): {detail}"
+    return None
+
+
+def _check(result, what: str) -> None:
+    problem = _problem(result, what)
+    if problem:
+        raise CliError(problem)
+
+
+def _scored(result) -> bool:
+    """Whether the run wrote a score table (then the export is out of date, even if it failed)."""
+    from flexyface_pipeline.defs.schedules import SCORE_ASSET_KEYS
+
+    return any(e.asset_key in SCORE_ASSET_KEYS for e in result.get_asset_materialization_events()
+               if e.asset_key is not None)
+
+
+def _finish(results: list, problem: str | None, args: argparse.Namespace) -> None:
+    """Export unless told not to, and if the runs wrote any score table even when one failed
+    (the tables written are complete); then report the problem, if any."""
+    if not args.no_export and (problem is None or any(_scored(r) for r in results)):
+        if problem is None:
+            run_export(args)
+        else:
+            logger.warning("refreshing the export with the score tables written before the problem")
+            try:
+                run_export(args)
+            except CliError as err:  # reported too, but the run's own problem comes last
+                logger.error("%s", err)
+    if problem is not None:
+        raise CliError(problem)
 
 
 def run_sweep(args: argparse.Namespace) -> None:
@@ -146,9 +188,7 @@ def run_sweep(args: argparse.Namespace) -> None:
         job = defs.resolve_job_def("sweep_job")
         result = job.execute_in_process(instance=instance, partition_key=args.name,
                                         run_config=_sweep_run_config(args), tags=_tags(), raise_on_error=False)
-    _check(result, f"sweep {args.name}")
-    if not args.no_export:
-        run_export(args)
+    _finish([result], _problem(result, f"sweep {args.name}"), args)
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -181,9 +221,13 @@ def run_rescore(args: argparse.Namespace) -> None:
             if not known:
                 raise CliError("there is no sweep to re-score yet")
             store = SweepStore(_storage_root())
-            skipped = [s for s in known if not store.has_table("images", s)]
-            if skipped:
-                logger.warning("skipping %d sweep(s) without images yet: %s", len(skipped), ", ".join(skipped))
+            invalid = [s for s in known if not _valid_name(s)]
+            if invalid:
+                logger.warning("skipping partition(s) whose names are not valid sweep names: %s", ", ".join(invalid))
+            no_images = [s for s in known if s not in invalid and not store.has_table("images", s)]
+            if no_images:
+                logger.warning("skipping %d sweep(s) without images yet: %s", len(no_images), ", ".join(no_images))
+            skipped = invalid + no_images
             if len(skipped) == len(known):
                 raise CliError(f"no sweep has images yet (sweeps: {', '.join(known)})")
             # Runs over consecutive sweeps with images: a partition range would include a skipped sweep.
@@ -196,17 +240,56 @@ def run_rescore(args: argparse.Namespace) -> None:
         selection = [SCORE_TABLES[m][0] for m in metrics]
         job = dg.define_asset_job("rescore", selection=selection)
         resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("rescore")
+        results, problem = [], None
         for block in blocks:
             if len(block) > 1:
                 # One run over the block: the score assets' single-run backfill policy loads each model once.
                 tags = _tags() | {"dagster/asset_partition_range_start": block[0],
                                   "dagster/asset_partition_range_end": block[-1]}
-                result = resolved.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
-                _check(result, f"re-scoring sweeps {block[0]} to {block[-1]}")
+                results.append(resolved.execute_in_process(instance=instance, tags=tags, raise_on_error=False))
+                problem = _problem(results[-1], f"re-scoring sweeps {block[0]} to {block[-1]}")
             else:
-                result = resolved.execute_in_process(instance=instance, partition_key=block[0], tags=_tags(),
-                                                     raise_on_error=False)
-                _check(result, f"re-scoring {block[0]}")
+                results.append(resolved.execute_in_process(instance=instance, partition_key=block[0],
+                                                           tags=_tags(), raise_on_error=False))
+                problem = _problem(results[-1], f"re-scoring {block[0]}")
+            if problem is not None:
+                break
+    _finish(results, problem, args)
+
+
+def _valid_name(sweep: str) -> bool:
+    from flexyface_pipeline.lib.config import SweepConfigError, validate_sweep_name
+
+    try:
+        validate_sweep_name(sweep)
+    except SweepConfigError:
+        return False
+    return True
+
+
+def run_remove(args: argparse.Namespace) -> None:
+    """Remove a sweep: its tables, images, contact sheets and partition; then refresh the export."""
+    import shutil
+
+    from flexyface_pipeline.defs.partitions import sweeps_partitions
+    from flexyface_pipeline.lib.store import SweepStore
+
+    with _instance() as instance:
+        known = instance.get_dynamic_partitions(sweeps_partitions.name)
+        store = SweepStore(_storage_root())
+        folders = []
+        if _valid_name(args.name):  # a partition added by hand may have a name no sweep can have: no files
+            folders = [store.sweep_dir(args.name), store.images_dir(args.name),
+                       store.exports_dir / "grids" / args.name]
+        present = [f for f in folders if f.exists()]
+        if args.name not in known and not present:
+            raise CliError(f"unknown sweep {args.name!r}; known sweeps: {known}")
+        for folder in present:
+            shutil.rmtree(folder)
+            logger.info("removed %s", folder)
+        if args.name in known:
+            instance.delete_dynamic_partition(sweeps_partitions.name, args.name)
+            logger.info("removed sweep partition %s", args.name)
     if not args.no_export:
         run_export(args)
 
@@ -247,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     rescore.add_argument("--no-export", action="store_true")
     rescore.set_defaults(func=run_rescore)
 
+    remove = sub.add_parser("remove", help="delete a sweep (tables, images, contact sheets, partition), then export")
+    remove.add_argument("name", help="the sweep to delete")
+    remove.add_argument("--no-export", action="store_true")
+    remove.set_defaults(func=run_remove)
+
     recover = sub.add_parser("recover", help="mark runs whose process died as failed and free their gpu slot")
     recover.set_defaults(func=run_recover)
 
@@ -257,19 +345,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # storage schema set-up, on every new instance
     args = build_parser().parse_args(argv)
     _load_dotenv()
     from flexyface_pipeline.lib.config import SweepConfigError
 
+    import dagster as dg
+
     try:
         args.func(args)
     except SweepConfigError as err:
-        logger.error("invalid sweep: %s", err)
+        logger.error("invalid %s: %s", "input" if err.field == "metrics" else "sweep", err)
         return 2
     except CliError as err:
         logger.error("%s", err)
         return 1
+    except dg.DagsterError as err:  # configuration or instance trouble, before any step ran
+        logger.error("%s", _dagster_error_line(err))
+        return 1
     return 0
+
+
+def _dagster_error_line(err: Exception) -> str:
+    """One line for an error dagster raised outside a run (an unset setting, a bad instance)."""
+    text = str(err)
+    unset = re.search(r'environment variable "([A-Za-z0-9_]+)" which is not set', text)
+    if unset:
+        return (f"{unset.group(1)} is not set: add it to .env (compare .env with .env.example; "
+                "`make setup` keeps an existing .env) or export it")
+    causes = [line.strip() for line in text.splitlines() if line.strip()]
+    summary = " ".join(causes[:2])
+    return f"{type(err).__name__}: {summary[:400]}"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ with warnings.catch_warnings():
     from flexyface_pipeline.defs.assets.sweep import generated_images, sweep_parameters
     from flexyface_pipeline.defs.jobs import export_job, sweep_job
     from flexyface_pipeline.defs.resources import ModelResource, StorageResource
-    from flexyface_pipeline.defs.schedules import export_after_sweep, nightly_sweep_schedule
+    from flexyface_pipeline.defs.schedules import (
+        export_after_failed_run,
+        export_after_sweep,
+        nightly_sweep_schedule,
+    )
 
 
 def env_resources() -> dict[str, dg.ConfigurableResource]:
@@ -41,7 +45,7 @@ def build_definitions(resources: dict[str, dg.ConfigurableResource]) -> dg.Defin
         asset_checks=[export_checks],
         jobs=[sweep_job, export_job],
         schedules=[nightly_sweep_schedule],
-        sensors=[export_after_sweep],
+        sensors=[export_after_sweep, export_after_failed_run],
         resources=resources,
         # One process per run: a model is loaded once per run and GPU steps never overlap within a run.
         executor=dg.in_process_executor,

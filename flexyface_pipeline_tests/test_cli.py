@@ -53,7 +53,7 @@ def test_bad_sweep_settings_fail_before_anything_runs(cli_env, dagster_home, cap
 
 def test_unknown_metric_is_refused(cli_env, caplog):
     assert cli.main(["rescore", "fid_score", "--all"]) == 2
-    assert "unknown metric" in caplog.text
+    assert "invalid input: metrics: unknown metric(s) ['fid_score']" in caplog.text
 
 
 def _digest(path):
@@ -157,3 +157,91 @@ def test_dotenv_in_the_current_directory_fills_in_what_is_not_exported(tmp_path,
     cli._load_dotenv()
     assert os.environ["FLEXYFACE_DEVICE"] == "cpu"  # exported: kept
     assert os.environ["FLEXYFACE_DTYPE"] == "bf16"  # only in .env: read from it
+
+
+def test_an_unset_setting_is_named_in_one_line(cli_env, monkeypatch, caplog):
+    monkeypatch.delenv("FLEXYFACE_DEVICE")  # as with a .env written before the setting existed
+    assert cli.main(["sweep", "unset", "--images", "2", *COMMON]) == 1
+    assert _errors(caplog) == [
+        "FLEXYFACE_DEVICE is not set: add it to .env (compare .env with .env.example; `make setup` keeps an "
+        "existing .env) or export it"
+    ]
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_runs() == []
+
+
+def _latest_jobs(limit: int) -> list[str]:
+    with dg.DagsterInstance.get() as instance:
+        return [r.job_name for r in instance.get_runs(limit=limit)]
+
+
+def test_a_metric_that_fails_still_leaves_the_others_exported(cli_env, monkeypatch, caplog):
+    from flexyface_pipeline.lib.metrics import AestheticV2Scorer
+
+    assert cli.main(["sweep", "part", "--images", "2", "--no-export", *COMMON]) == 0
+    clip_before = _digest(cli_env / "sweeps" / "part" / "clip_scores.parquet")
+
+    def unreadable(cls, *args, **kwargs):
+        raise RuntimeError("the checkpoint is truncated")
+
+    monkeypatch.setattr(AestheticV2Scorer, "load", classmethod(unreadable))
+    caplog.clear()
+    assert cli.main(["rescore", "clip_score", "aes_v2_score", "--sweep", "part"]) == 1
+    [error] = _errors(caplog)
+    assert "re-scoring part failed" in error
+    assert "step aes_v2_scores: RuntimeError: the checkpoint is truncated" in error
+    # clip_scores was written again in that run, so the export was refreshed after it.
+    assert _latest_jobs(2) == ["export_job", "rescore"]
+    assert (cli_env / "exports" / "sweep_results.parquet").is_file()
+    assert _digest(cli_env / "sweeps" / "part" / "clip_scores.parquet") == clip_before  # same weights, same scores
+
+
+def test_a_failed_score_check_fails_the_command(cli_env, monkeypatch, caplog):
+    import torch
+
+    from flexyface_pipeline.lib.metrics import AestheticV1Scorer
+
+    real_load = AestheticV1Scorer.load.__func__
+
+    def shifted(cls, *args, **kwargs):  # a head whose bias went wrong: every score is off by 100
+        scorer = real_load(cls, *args, **kwargs)
+        with torch.no_grad():
+            scorer.model.predictor.bias.add_(100.0)
+        return scorer
+
+    monkeypatch.setattr(AestheticV1Scorer, "load", classmethod(shifted))
+    assert cli.main(["sweep", "shifted", "--images", "2", *COMMON]) == 1
+    # The export ran (the tables are complete) and its own checks say the same; the sweep's comes last.
+    exported, error = _errors(caplog)
+    assert "export: 1 check(s) failed" in exported and "sweep_results.export_aesthetic_score" in exported
+    assert "sweep shifted: 1 check(s) failed" in error
+    assert "aesthetic_scores.scores_valid: shifted: 2 outside [-10.0, 10.0] (above 10: unnormalised embeddings?)" in error
+    with dg.DagsterInstance.get() as instance:
+        sweep_run = [r for r in instance.get_runs() if r.job_name == "sweep_job"][0]
+        assert sweep_run.status == dg.DagsterRunStatus.SUCCESS  # the run itself did not fail
+    assert _latest_jobs(1) == ["export_job"]
+
+
+def test_remove_deletes_one_sweep_and_refreshes_the_export(cli_env, caplog):
+    import pandas as pd
+
+    assert cli.main(["sweep", "keep", "--images", "2", "--no-export", *COMMON]) == 0
+    assert cli.main(["sweep", "gone", "--images", "3", "--seed", "4", *COMMON]) == 0
+    assert len(pd.read_parquet(cli_env / "exports" / "sweep_results.parquet")) == 5
+    kept = {p: _digest(p) for p in sorted(cli_env.rglob("*")) if p.is_file() and "keep" in p.parts}
+    assert kept
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions("sweeps", ["My sweep"])  # added by hand in the UI
+
+    assert cli.main(["remove", "gone"]) == 0
+    for folder in (cli_env / "sweeps" / "gone", cli_env / "images" / "gone", cli_env / "exports" / "grids" / "gone"):
+        assert not folder.exists(), folder
+    export = pd.read_parquet(cli_env / "exports" / "sweep_results.parquet")
+    assert sorted(export["sweep"].unique()) == ["keep"] and len(export) == 2
+    assert kept == {p: _digest(p) for p in kept}
+    assert cli.main(["remove", "My sweep", "--no-export"]) == 0
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_dynamic_partitions("sweeps") == ["keep"]
+    caplog.clear()
+    assert cli.main(["remove", "gone"]) == 1
+    assert "unknown sweep 'gone'; known sweeps: ['keep']" in caplog.text

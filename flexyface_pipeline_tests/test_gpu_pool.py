@@ -199,8 +199,9 @@ def test_launched_sweep_and_rescore_never_hold_gpu_models_together(project, tmp_
         # What "Materialize" of two score tables in the UI launches for the existing sweep.
         _dagster("job", "launch", "-m", MODULE, "-j", "sweep_job", "--run-id", rescore_run,
                  "-o", "hps_v2_scores,clip_scores", "--tags", json.dumps({"dagster/partition": "base"})),
-        # The export sensor would add a third (CPU-only) run after the sweep: not needed here.
+        # The export sensors would add a third (CPU-only) run after the sweep: not needed here.
         _dagster("sensor", "stop", "export_after_sweep", "-m", MODULE),
+        _dagster("sensor", "stop", "export_after_failed_run", "-m", MODULE),
     ]
     processes = [
         subprocess.Popen(command, env=project.env, cwd=project.workdir,

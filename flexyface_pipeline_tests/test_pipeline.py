@@ -49,8 +49,18 @@ def test_whole_graph_materializes_and_exports(data_dir, tiny_models_dir, dagster
     with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
         result = run_sweep(defs, instance, "e2e", 8)
         assert result.success
+        # A partition added by hand (the UI's "Add partition") with a name no sweep can have is
+        # reported, and does not stop the export of the others.
+        instance.add_dynamic_partitions("sweeps", ["My sweep"])
         export = defs.resolve_job_def("export_job").execute_in_process(instance=instance)
         assert export.success
+        [materialization] = export.asset_materializations_for_node("sweep_results")
+        incomplete = materialization.metadata["incomplete_sweeps"].value
+        assert list(incomplete) == ["My sweep"] and incomplete["My sweep"].startswith("invalid sweep name")
+        assert materialization.metadata["dagster/row_count"].value == 8
+        [grid] = result.asset_materializations_for_node("image_grid")
+        preview = grid.metadata["preview"].value
+        assert preview.startswith("![") and "](data:image/png;base64," in preview and "<img" not in preview
         mats = instance.fetch_materializations(dg.AssetKey("hps_v2_scores"), limit=10).records
         assert [m.partition_key for m in mats] == ["e2e"]
         checks = {e.check_name: e.passed for e in export.get_asset_check_evaluations()}

@@ -26,44 +26,61 @@ def test_nightly_schedule_adds_a_dated_sweep_and_requests_its_run(dagster_home, 
     assert schedule.execution_timezone == "UTC"
     with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
         assert not instance.has_dynamic_partition("sweeps", "nightly-2026-11-27")
-        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
-                                            repository_def=defs.get_repository_def())
-        data = schedule.evaluate_tick(context)
-        assert instance.get_dynamic_partitions("sweeps") == ["nightly-2026-11-27"]
-        [request] = data.run_requests
-        assert request.partition_key == "nightly-2026-11-27"
-        assert request.run_key == "nightly-2026-11-27"
-        assert request.tags["dagster/partition"] == "nightly-2026-11-27"
-        assert request.run_config["ops"]["sweep_parameters"]["config"] == NIGHTLY_SWEEP
-        # evaluating the same tick again adds nothing new
-        schedule.evaluate_tick(context)
-        assert instance.get_dynamic_partitions("sweeps") == ["nightly-2026-11-27"]
+        # Entered, as the daemon does: the context's exit puts back what it set for the instance.
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
+                                       repository_def=defs.get_repository_def()) as context:
+            data = schedule.evaluate_tick(context)
+            assert instance.get_dynamic_partitions("sweeps") == ["nightly-2026-11-27"]
+            [request] = data.run_requests
+            assert request.partition_key == "nightly-2026-11-27"
+            assert request.run_key == "nightly-2026-11-27"
+            assert request.tags["dagster/partition"] == "nightly-2026-11-27"
+            assert request.run_config["ops"]["sweep_parameters"]["config"] == NIGHTLY_SWEEP
+            # evaluating the same tick again adds nothing new
+            schedule.evaluate_tick(context)
+            assert instance.get_dynamic_partitions("sweeps") == ["nightly-2026-11-27"]
 
 
-def test_export_sensor_requests_the_export_job():
-    sensor = defs.resolve_sensor_def("export_after_sweep")
-    assert sensor.job_name == "export_job"
-    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+def test_export_sensors_request_the_export_job():
+    # Which run status each watches shows in the tick tests below (only the runs of that status).
+    for name in ("export_after_sweep", "export_after_failed_run"):
+        sensor = defs.resolve_sensor_def(name)
+        assert isinstance(sensor, dg.RunStatusSensorDefinition)
+        assert sensor.job_name == "export_job"
+        assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
 
 
-def _materialize(tiny: dg.Definitions, instance: dg.DagsterInstance, sweep: str, *assets: str):
+def _materialize(tiny: dg.Definitions, instance: dg.DagsterInstance, sweep: str, *assets: str,
+                 succeed: bool = True):
     """What the Assets page does: the implicit asset job on a selection of one sweep's assets."""
     if not instance.has_dynamic_partition("sweeps", sweep):
         instance.add_dynamic_partitions("sweeps", [sweep])
     result = tiny.resolve_implicit_global_asset_job_def().execute_in_process(
         instance=instance, partition_key=sweep, run_config=sweep_run_config(2, steps_max=4),
-        asset_selection=[dg.AssetKey(a) for a in assets])
-    assert result.success
+        asset_selection=[dg.AssetKey(a) for a in assets], raise_on_error=False)
+    assert result.success == succeed
     return result
 
 
-def _sensor_on(instance: dg.DagsterInstance, result):
-    """The export sensor evaluated on the SUCCESS event of one run."""
-    sensor = defs.resolve_sensor_def("export_after_sweep")
+def _sensor_on(instance: dg.DagsterInstance, result, name: str = "export_after_sweep"):
+    """An export sensor evaluated on the final event of one run."""
+    sensor = defs.resolve_sensor_def(name)
+    final = [e for e in result.all_events if e.event_type in (dg.DagsterEventType.RUN_SUCCESS,
+                                                              dg.DagsterEventType.RUN_FAILURE)][-1]
     context = dg.build_run_status_sensor_context(
-        sensor_name=sensor.name, dagster_event=result.get_run_success_event(), dagster_instance=instance,
+        sensor_name=sensor.name, dagster_event=final, dagster_instance=instance,
         dagster_run=result.dagster_run)
     return sensor(context)
+
+
+def _ticks(sensor, instance, cursor, count):
+    requests, cursors = [], []
+    for _ in range(count):
+        data = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor))
+        requests.append([r.run_key for r in data.run_requests])
+        cursor = data.cursor
+        cursors.append(cursor)
+    return requests, cursors
 
 
 def test_export_sensor_follows_runs_that_scored_from_any_job(data_dir, tiny_models_dir, dagster_home):
@@ -74,30 +91,48 @@ def test_export_sensor_follows_runs_that_scored_from_any_job(data_dir, tiny_mode
         first = sensor.evaluate_tick(dg.build_sensor_context(instance=instance))
         assert first.run_requests == [] and first.cursor
 
-        scored = _materialize(tiny, instance, "s1", "sweep_parameters", "generated_images", "clip_scores")
         sampled = _materialize(tiny, instance, "s2", "sweep_parameters")
         exported = tiny.resolve_job_def("export_job").execute_in_process(instance=instance)
         assert exported.success
+        scored = _materialize(tiny, instance, "s1", "sweep_parameters", "generated_images", "clip_scores")
         assert scored.dagster_run.job_name == sampled.dagster_run.job_name == "__ASSET_JOB"
 
-        # Each run on its own.
+        # Each run on its own: only the run that scored asks for an export.
         request = _sensor_on(instance, scored)
         assert isinstance(request, dg.RunRequest)
         assert request.run_key == f"export-after-{scored.run_id}"
-        skipped = _sensor_on(instance, sampled)
-        assert isinstance(skipped, dg.SkipReason) and "materialized no score table" in skipped.skip_message
-        skipped = _sensor_on(instance, exported)
-        assert isinstance(skipped, dg.SkipReason) and "is an export run" in skipped.skip_message
+        assert _sensor_on(instance, sampled) is None
+        assert _sensor_on(instance, exported) is None
 
-        # As the daemon evaluates it: every successful run is looked at, whatever its job; only
-        # the run that scored asks for an export.
-        requests, skips, cursor = [], [], first.cursor
-        for _ in range(5):  # three runs: at most one per tick
-            data = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor))
-            requests += data.run_requests
-            if data.skip_message and data.skip_message.startswith("run "):  # not "returned an empty result"
-                skips.append(data.skip_message)
-            cursor = data.cursor
-        assert [r.run_key for r in requests] == [f"export-after-{scored.run_id}"]
-        assert len(skips) == 2, skips
-        assert any(sampled.run_id in s for s in skips) and any(exported.run_id in s for s in skips)
+        # As the daemon evaluates it: runs that need nothing do not hold up the tick, so the
+        # first tick looks past both of them to the run that scored.
+        requests, cursors = _ticks(sensor, instance, first.cursor, 2)
+        assert requests == [[f"export-after-{scored.run_id}"], []]
+        assert cursors[1] == cursors[0]  # nothing left to look at
+
+
+def test_a_failed_run_that_scored_gets_its_export(data_dir, tiny_models_dir, dagster_home, monkeypatch):
+    from flexyface_pipeline.lib.metrics import AestheticV2Scorer
+
+    tiny = tiny_defs(data_dir, tiny_models_dir)
+    sensor = defs.resolve_sensor_def("export_after_failed_run")
+    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
+        first = sensor.evaluate_tick(dg.build_sensor_context(instance=instance))
+        _materialize(tiny, instance, "f1", "sweep_parameters", "generated_images")
+
+        def unreadable(cls, *args, **kwargs):
+            raise RuntimeError("the checkpoint is truncated")
+
+        monkeypatch.setattr(AestheticV2Scorer, "load", classmethod(unreadable))
+        # Two score tables selected: clip_scores is written, aes_v2_scores fails, so does the run.
+        partial = _materialize(tiny, instance, "f1", "clip_scores", "aes_v2_scores", succeed=False)
+        failed = _materialize(tiny, instance, "f2", "sweep_parameters", "generated_images", "aes_v2_scores",
+                              succeed=False)
+        assert {e.asset_key.to_user_string() for e in partial.get_asset_materialization_events()} == {"clip_scores"}
+        assert not any(e.asset_key.to_user_string().endswith("_scores")
+                       for e in failed.get_asset_materialization_events())
+
+        assert _sensor_on(instance, partial, "export_after_failed_run").run_key == f"export-after-{partial.run_id}"
+        assert _sensor_on(instance, failed, "export_after_failed_run") is None
+        requests, _ = _ticks(sensor, instance, first.cursor, 2)
+        assert requests == [[f"export-after-{partial.run_id}"], []]

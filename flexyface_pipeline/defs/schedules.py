@@ -72,6 +72,26 @@ nightly_sweep_schedule = build_sweep_schedule("nightly_sweep", "0 2 * * *", NIGH
 SCORE_ASSET_KEYS = frozenset(asset.key for asset in score_assets)
 
 
+def _export_request(context: dg.RunStatusSensorContext) -> dg.RunRequest | None:
+    """An export run for a run that materialized a score table; None for any other run.
+
+    None, not a SkipReason: a run status sensor ends its tick at the first run for which it
+    returns something, so skipping with None lets one tick look past any number of such runs."""
+    run = context.dagster_run
+    if run.job_name == export_job.name:
+        context.log.debug("run %s is an export run", run.run_id)
+        return None
+    records = context.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+    keys = {r.dagster_event.asset_key for r in records if r.dagster_event is not None} & SCORE_ASSET_KEYS
+    if not keys:
+        context.log.debug("run %s (%s) materialized no score table", run.run_id, run.job_name)
+        return None
+    scored = ", ".join(sorted(key.to_user_string() for key in keys))
+    context.log.info("run %s (%s, %s) materialized %s: refreshing the export", run.run_id, run.job_name,
+                     run.status.value.lower(), scored)
+    return dg.RunRequest(run_key=f"export-after-{run.run_id}")
+
+
 @dg.run_status_sensor(
     run_status=dg.DagsterRunStatus.SUCCESS,
     # No monitored_jobs: every job of this code location, including the implicit asset job behind
@@ -83,13 +103,15 @@ SCORE_ASSET_KEYS = frozenset(asset.key for asset in score_assets)
     "hps_v2_scores): sweep_job, the Assets page, backfills.",
 )
 def export_after_sweep(context: dg.RunStatusSensorContext):
-    run = context.dagster_run
-    if run.job_name == export_job.name:
-        return dg.SkipReason(f"run {run.run_id} is an export run")
-    records = context.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
-    keys = {r.dagster_event.asset_key for r in records if r.dagster_event is not None} & SCORE_ASSET_KEYS
-    if not keys:
-        return dg.SkipReason(f"run {run.run_id} ({run.job_name}) materialized no score table")
-    scored = ", ".join(sorted(key.to_user_string() for key in keys))
-    context.log.info("run %s (%s) materialized %s: refreshing the export", run.run_id, run.job_name, scored)
-    return dg.RunRequest(run_key=f"export-after-{run.run_id}")
+    return _export_request(context)
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.FAILURE,
+    request_job=export_job,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="As export_after_sweep, for a failed run that materialized a score table before or beside "
+    "the step that failed (the tables it wrote are complete and newer than the export).",
+)
+def export_after_failed_run(context: dg.RunStatusSensorContext):
+    return _export_request(context)

@@ -101,8 +101,20 @@ def sweep_analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, st
 
 
 def _png_markdown(path, width: int = 900) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" width="{width}"/>'
+    """A markdown image of ``path`` scaled to at most ``width`` pixels wide, inlined as a data
+    URL (the UI renders markdown images, not raw HTML; the scaling keeps the event log small)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.width > width:
+            image = image.resize((width, max(1, round(image.height * width / image.width))), Image.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=True)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f"![{path.stem}](data:image/png;base64,{data})"
 
 
 @dg.asset(

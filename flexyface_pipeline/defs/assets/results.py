@@ -5,6 +5,7 @@ import dagster as dg
 
 import pandas as pd
 
+from flexyface_pipeline.lib.config import SweepConfigError, validate_sweep_name
 from flexyface_pipeline.lib.export import SCORE_TABLES, finalize, merge_tables, write_export
 from flexyface_pipeline.defs.assets.scores import score_assets
 from flexyface_pipeline.defs.assets.sweep import generated_images, sweep_parameters
@@ -33,6 +34,11 @@ def sweep_results(context: dg.AssetExecutionContext, storage: StorageResource) -
     parameters, images, incomplete = [], [], {}
     scores: dict[str, list[pd.DataFrame]] = {metric: [] for metric in SCORE_TABLES}
     for sweep in sorted(context.instance.get_dynamic_partitions(sweeps_partitions.name)):
+        try:
+            validate_sweep_name(sweep)
+        except SweepConfigError as err:  # a partition added by hand with a name no sweep can have
+            incomplete[sweep] = f"invalid sweep name: {err}"
+            continue
         if not store.has_table("parameters", sweep) or not store.has_table("images", sweep):
             incomplete[sweep] = "not generated"
             continue
@@ -57,6 +63,7 @@ def sweep_results(context: dg.AssetExecutionContext, storage: StorageResource) -
     return dg.MaterializeResult(
         metadata={
             "num_rows": dg.MetadataValue.int(len(df)),
+            "dagster/row_count": dg.MetadataValue.int(len(df)),
             "sweeps": dg.MetadataValue.text(", ".join(sorted(df["sweep"].unique())) if len(df) else ""),
             "incomplete_sweeps": dg.MetadataValue.json(incomplete),
             "parquet": dg.MetadataValue.path(str(parquet)),

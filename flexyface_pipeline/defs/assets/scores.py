@@ -58,6 +58,7 @@ def build_score_asset(metric: str) -> dg.AssetsDefinition:
             check_results=[check],
             metadata={
                 "num_images": dg.MetadataValue.int(len(values)),
+                "dagster/row_count": dg.MetadataValue.int(len(values)),
                 f"mean_{metric}": dg.MetadataValue.float(float(values.mean())),
                 f"min_{metric}": dg.MetadataValue.float(float(values.min())),
                 f"max_{metric}": dg.MetadataValue.float(float(values.max())),

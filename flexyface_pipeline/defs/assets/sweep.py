@@ -109,6 +109,7 @@ def sweep_parameters(context: dg.AssetExecutionContext, config: SweepConfig, sto
     return dg.MaterializeResult(
         metadata={
             "num_images": dg.MetadataValue.int(len(params)),
+            "dagster/row_count": dg.MetadataValue.int(len(params)),
             "sweeps": dg.MetadataValue.text(", ".join(context.partition_keys)),
             "steps_range": dg.MetadataValue.text(f"{int(params['steps'].min())}–{int(params['steps'].max())}"),
             "guidance_range": dg.MetadataValue.text(f"{params['guidance'].min():.2f}–{params['guidance'].max():.2f}"),
@@ -135,6 +136,7 @@ def generated_images(context: dg.AssetExecutionContext, storage: StorageResource
     totals = {"generated": 0, "reused": 0, "images": 0}
     seconds = 0.0
     missing: list[str] = []
+    num_missing = 0
     try:
         for sweep in context.partition_keys:
             params = store.read_table("parameters", sweep)
@@ -148,7 +150,9 @@ def generated_images(context: dg.AssetExecutionContext, storage: StorageResource
                 log=context.log,
             )
             store.write_table("images", sweep, report.table)
-            missing += check_images_exist([store.absolute(p) for p in report.table["image_path"]]).metadata["missing"]
+            outcome = check_images_exist([store.absolute(p) for p in report.table["image_path"]])
+            missing += outcome.metadata["missing"]  # the first 20 per sweep, to show
+            num_missing += outcome.metadata["num_missing"]
             totals["generated"] += report.generated
             totals["reused"] += report.reused
             totals["images"] += len(report.table)
@@ -158,12 +162,14 @@ def generated_images(context: dg.AssetExecutionContext, storage: StorageResource
     generated_per_s = totals["generated"] / seconds if totals["generated"] and seconds > 0 else 0.0
     return dg.MaterializeResult(
         check_results=[
-            dg.AssetCheckResult(check_name="images_exist", passed=not missing,
-                                description=f"{len(missing)} missing" if missing else "all image files exist",
-                                metadata={"missing": dg.MetadataValue.json(missing[:20])})
+            dg.AssetCheckResult(check_name="images_exist", passed=not num_missing,
+                                description=f"{num_missing} missing" if num_missing else "all image files exist",
+                                metadata={"missing": dg.MetadataValue.json(missing[:20]),
+                                          "num_missing": dg.MetadataValue.int(num_missing)})
         ],
         metadata={
             "num_images": dg.MetadataValue.int(totals["images"]),
+            "dagster/row_count": dg.MetadataValue.int(totals["images"]),
             "generated": dg.MetadataValue.int(totals["generated"]),
             "reused_verified": dg.MetadataValue.int(totals["reused"]),
             "images_per_second": dg.MetadataValue.float(round(generated_per_s, 4)),

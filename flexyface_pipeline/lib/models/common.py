@@ -122,7 +122,7 @@ def missing_weights(model: str, location: str, setting: str, cause: BaseExceptio
     extra = f" ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})" if cause else ""
     return MissingWeightsError(
         f"{model}: weights for {location!r} are not available offline{extra}. Download them once on a "
-        f"machine with network access (huggingface-cli download {location}) so they sit in the HF cache, "
+        f"machine with network access (hf download {location}) so they sit in the HF cache, "
         f"or point {setting} at a local directory with the weights."
     )
 
