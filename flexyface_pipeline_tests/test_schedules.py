@@ -76,7 +76,8 @@ def _sensor_on(instance: dg.DagsterInstance, result, name: str = "export_after_s
 def _ticks(sensor, instance, cursor, count):
     requests, cursors = [], []
     for _ in range(count):
-        data = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor))
+        with dg.build_sensor_context(instance=instance, cursor=cursor) as context:
+            data = sensor.evaluate_tick(context)
         requests.append([r.run_key for r in data.run_requests])
         cursor = data.cursor
         cursors.append(cursor)
@@ -88,7 +89,8 @@ def test_export_sensor_follows_runs_that_scored_from_any_job(data_dir, tiny_mode
     sensor = defs.resolve_sensor_def("export_after_sweep")
     with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
         # The daemon's first tick only sets the sensor's cursor.
-        first = sensor.evaluate_tick(dg.build_sensor_context(instance=instance))
+        with dg.build_sensor_context(instance=instance) as context:
+            first = sensor.evaluate_tick(context)
         assert first.run_requests == [] and first.cursor
 
         sampled = _materialize(tiny, instance, "s2", "sweep_parameters")
@@ -117,7 +119,8 @@ def test_a_failed_run_that_scored_gets_its_export(data_dir, tiny_models_dir, dag
     tiny = tiny_defs(data_dir, tiny_models_dir)
     sensor = defs.resolve_sensor_def("export_after_failed_run")
     with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
-        first = sensor.evaluate_tick(dg.build_sensor_context(instance=instance))
+        with dg.build_sensor_context(instance=instance) as context:
+            first = sensor.evaluate_tick(context)
         _materialize(tiny, instance, "f1", "sweep_parameters", "generated_images")
 
         def unreadable(cls, *args, **kwargs):
