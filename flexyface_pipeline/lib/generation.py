@@ -16,14 +16,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from PIL import Image, PngImagePlugin
 
 from flexyface_pipeline.lib.atomic import atomic_path
 from flexyface_pipeline.lib.engines.base import Engine, ImageRequest
-from flexyface_pipeline.lib.models.common import ModelIdentity, free_memory, is_out_of_memory
+from flexyface_pipeline.lib.models.common import ModelIdentity, fit_batch, free_memory
 from flexyface_pipeline.lib.store import SweepStore
 
 logger = logging.getLogger(__name__)
@@ -85,20 +84,6 @@ def write_png(path: Path, image: Image.Image, record: dict) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
     return path
-
-
-_FAILED = object()
-
-
-def _fitting(call: Callable[[list[ImageRequest]], Any], batch: list[ImageRequest]) -> Any:
-    """``call(batch)``, or ``_FAILED`` if the device ran out of memory on a batch of more than
-    one image (returning, not raising, releases the failed call's tensors with its traceback)."""
-    try:
-        return call(batch)
-    except RuntimeError as exc:
-        if len(batch) == 1 or not is_out_of_memory(exc):
-            raise
-        return _FAILED
 
 
 def _shape(engine: Engine, batch: list[ImageRequest]) -> tuple:
@@ -206,26 +191,26 @@ def generate_sweep(
                 if limit is not None and len(batch) > limit:
                     queue.extendleft(reversed([batch[i : i + limit] for i in range(0, len(batch), limit)]))
                     continue
-                result: Any = None
-                if warm_up and _shape(engine, batch) not in warmed:
+                fits, shape = True, _shape(engine, batch) if warm_up else None
+                if shape is not None and shape not in warmed:
                     t0 = time.perf_counter()
-                    result = _fitting(engine.warm_up, batch)
-                    warm_up_seconds += time.perf_counter() - t0
-                    if result is not _FAILED:
-                        warmed.add(_shape(engine, batch))
+                    fits, _ = fit_batch(lambda: engine.warm_up(batch), len(batch))
+                    took = time.perf_counter() - t0
+                    warm_up_seconds += took
+                    if fits:
+                        warmed.add(shape)
                         log.info("warm-up call for batches of %d at %dx%d took %.1f s (not in elapsed_ms)",
-                                 len(batch), batch[0].width, batch[0].height, time.perf_counter() - t0)
-                if result is not _FAILED:
+                                 len(batch), batch[0].width, batch[0].height, took)
+                if fits:
                     t0 = time.perf_counter()
-                    result = _fitting(engine.generate, batch)
-                if result is _FAILED:
+                    fits, images = fit_batch(lambda: engine.generate(batch), len(batch))
+                if not fits:
                     limit = len(batch) // 2
                     queue.appendleft(batch)
                     free_memory(engine.runtime.device)
                     log.warning("CUDA out of memory generating %d images; retrying with batches of %d",
                                 len(batch), limit)
                     continue
-                images = result
                 per_image_ms = (time.perf_counter() - t0) * 1000.0 / len(batch)
                 futures = []
                 for req, image in zip(batch, images, strict=True):

@@ -120,17 +120,6 @@ def _check_sizes(batch_size: int | None, workers: int | None) -> None:
         raise ValueError(f"workers must be at least 1, got {workers}")
 
 
-def _step_fitting(step: Callable[[torch.Tensor, int], None], batch: torch.Tensor, start: int) -> bool:
-    """Run ``step``; False if the device ran out of memory on a batch of more than one image."""
-    try:
-        step(batch, start)
-    except RuntimeError as exc:
-        if len(batch) == 1 or not common.is_out_of_memory(exc):
-            raise
-        return False
-    return True
-
-
 def run_batches(
     paths: Sequence[Path],
     prepare: Prepare,
@@ -160,7 +149,8 @@ def run_batches(
                 buffer.append(pixels)
                 digests.append(digest)
             batch = torch.stack(buffer[:size])
-            if not _step_fitting(step, batch, start):
+            fits, _ = common.fit_batch(lambda: step(batch, start), len(batch))
+            if not fits:
                 # Freed after the handler: the traceback held the failed call's tensors until now.
                 del batch
                 size = max(1, size // 2)

@@ -11,12 +11,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from flexyface_pipeline.lib.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PROFILES = ("real", "tiny", "random_full")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -96,6 +99,19 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _ALLOCATION_FAILURES)
+
+
+def fit_batch(call: Callable[[], T], size: int) -> tuple[bool, T | None]:
+    """``(True, call())`` for a batch of ``size`` items, or ``(False, None)`` if the device ran
+    out of memory on more than one item (the caller halves the batch). Any other error, and
+    running out of memory on a single item, propagate. Returning, not raising, lets the failed
+    call's tensors go with its traceback before the caller frees memory."""
+    try:
+        return True, call()
+    except RuntimeError as exc:
+        if size == 1 or not is_out_of_memory(exc):
+            raise
+    return False, None
 
 
 def is_local(location: str) -> bool:
