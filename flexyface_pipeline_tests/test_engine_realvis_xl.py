@@ -84,14 +84,15 @@ def _stock_images(pipe, requests: list[ImageRequest]) -> np.ndarray:
 
 
 def test_registry_knows_realvis_xl() -> None:
-    assert ENGINES == {"realvis_xl": RealVisXLEngine}
+    assert ENGINES["realvis_xl"] is RealVisXLEngine
+    assert sorted(ENGINES) == ["flux1_schnell", "flux2_dev", "hidream", "realvis_xl", "sd35"]
     assert get_engine("realvis_xl") is RealVisXLEngine
     assert RealVisXLEngine.default_model == "SG161222/RealVisXL_V5.0"
     assert RealVisXLEngine.setting == "FLEXYFACE_REALVIS_XL_MODEL"
 
 
 def test_unknown_engine_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown engine 'flux'.*known engines: realvis_xl"):
+    with pytest.raises(ValueError, match=r"unknown engine 'flux'.*known engines: flux1_schnell, flux2_dev, hidream, realvis_xl, sd35"):
         get_engine("flux")
 
 
@@ -102,7 +103,8 @@ def test_image_request_takes_numpy_scalars_and_rejects_bad_values() -> None:
     for kwargs, message in [
         ({"steps": 0}, "steps must be at least 1"),
         ({"steps": 2.5}, "steps: expected an integer"),
-        ({"guidance": float("nan")}, "guidance must be a finite number"),
+        ({"guidance": float("inf")}, "guidance must be a finite number"),
+        ({"guidance": -1.0}, "guidance must be a finite number >= 0"),
         ({"seed": -1}, r"seed must be in \[0, 2\*\*63\)"),
         ({"width": 100}, "width must be a positive multiple of 8"),
         ({"height": True}, "height: expected an integer"),
@@ -110,6 +112,9 @@ def test_image_request_takes_numpy_scalars_and_rejects_bad_values() -> None:
         fields = {"image_id": "a", "prompt": "p", "steps": 2, "guidance": 5.0, "seed": 1, "width": 64, "height": 64}
         with pytest.raises(ValueError, match=message):
             ImageRequest(**(fields | kwargs))
+    # An empty guidance cell (NaN in a table, None): the engine takes no guidance value.
+    assert ImageRequest("a", "p", 2, np.float64("nan"), 1, 64, 64).guidance is None
+    assert ImageRequest("a", "p", 2, None, 1, 64, 64).guidance is None
 
 
 def test_plan_batches_groups_by_steps_size_and_guidance_mode() -> None:

@@ -6,10 +6,18 @@ Adding an engine: one module with an ``Engine`` subclass, and one line in ``ENGI
 from __future__ import annotations
 
 from flexyface_pipeline.lib.engines.base import Engine, ImageRequest
+from flexyface_pipeline.lib.engines.flux1_schnell import Flux1SchnellEngine
+from flexyface_pipeline.lib.engines.flux2_dev import Flux2DevEngine
+from flexyface_pipeline.lib.engines.hidream import HiDreamEngine
 from flexyface_pipeline.lib.engines.realvis_xl import RealVisXLEngine
+from flexyface_pipeline.lib.engines.sd35 import SD35Engine
 
 ENGINES: dict[str, type[Engine]] = {
     RealVisXLEngine.name: RealVisXLEngine,
+    Flux1SchnellEngine.name: Flux1SchnellEngine,
+    SD35Engine.name: SD35Engine,
+    HiDreamEngine.name: HiDreamEngine,
+    Flux2DevEngine.name: Flux2DevEngine,
 }
 
 
@@ -21,4 +29,7 @@ def get_engine(name: str) -> type[Engine]:
         raise ValueError(f"unknown engine {name!r}; known engines: {', '.join(sorted(ENGINES))}") from None
 
 
-__all__ = ["ENGINES", "Engine", "ImageRequest", "RealVisXLEngine", "get_engine"]
+__all__ = [
+    "ENGINES", "Engine", "Flux1SchnellEngine", "Flux2DevEngine", "HiDreamEngine", "ImageRequest",
+    "RealVisXLEngine", "SD35Engine", "get_engine",
+]

@@ -42,10 +42,11 @@ class ImageRequest:
     image_id: str
     prompt: str
     steps: int
-    guidance: float
+    guidance: float | None  # None: unused by the engine (guidance_kind 'none')
     seed: int
     width: int
     height: int
+    scheduler: str | None = None  # a name of the engine's ``schedulers``; None: the model's own
 
     def __post_init__(self) -> None:
         # Rows come from pandas: accept numpy scalars, store plain Python values.
@@ -58,8 +59,9 @@ class ImageRequest:
             raise ValueError(f"{self.image_id}: steps must be at least 1, got {steps}")
         if isinstance(self.guidance, bool):
             raise ValueError(f"{self.image_id}: guidance must be a number, got {self.guidance!r}")
-        guidance = float(self.guidance)
-        if not math.isfinite(guidance) or guidance < 0:
+        # None (or NaN, an empty table cell): the engine takes no guidance value.
+        guidance = None if self.guidance is None or math.isnan(float(self.guidance)) else float(self.guidance)
+        if guidance is not None and (not math.isfinite(guidance) or guidance < 0):
             raise ValueError(f"{self.image_id}: guidance must be a finite number >= 0, got {self.guidance!r}")
         seed = _whole_number(f"{self.image_id}: seed", self.seed)
         if not 0 <= seed < MAX_SEED:
@@ -75,6 +77,14 @@ class ImageRequest:
         object.__setattr__(self, "seed", seed)
         object.__setattr__(self, "width", sizes["width"])
         object.__setattr__(self, "height", sizes["height"])
+        # None (or NaN / empty, a table cell of a sweep without a scheduler axis): the model's own.
+        scheduler = self.scheduler
+        if scheduler is not None and not isinstance(scheduler, str):
+            if isinstance(scheduler, float) and math.isnan(scheduler):
+                scheduler = None
+            else:
+                raise ValueError(f"{self.image_id}: scheduler must be a name, got {scheduler!r}")
+        object.__setattr__(self, "scheduler", scheduler or None)
 
 
 class Engine(abc.ABC):
@@ -83,6 +93,29 @@ class Engine(abc.ABC):
     name: ClassVar[str]  # registry key, the value of the sweep's ``engine`` column
     default_model: ClassVar[str]  # hub id of the weights used when nothing else is configured
     setting: ClassVar[str]  # environment variable that points the engine at other weights
+
+    # The engine's parameter semantics, declared here and checked before any model loads.
+    steps_limits: ClassVar[tuple[int, int]] = (4, 60)  # steps a sweep may ask for
+    default_steps: ClassVar[tuple[int, int]] = (8, 48)  # the sweep's range when none is given
+    # What "guidance" means: "cfg" (classifier-free guidance scale), "distilled" (a guidance value
+    # the transformer takes as an embedding, one pass per step), "none" (unused: a sweep gives no
+    # guidance range, rows and the export carry no guidance value).
+    guidance_kind: ClassVar[str] = "cfg"
+    guidance_limits: ClassVar[tuple[float, float] | None] = (0.5, 12.0)  # None when unused
+    default_guidance: ClassVar[tuple[float, float] | None] = (1.0, 8.0)  # None when unused
+    size_multiple: ClassVar[int] = 8  # width and height must be multiples of this
+    # Samplers a sweep may choose by name (its ``scheduler`` axis), each mapped to what the engine
+    # needs to build it. Empty: only the model's own scheduler.
+    schedulers: ClassVar[dict[str, object]] = {}
+
+    @classmethod
+    def uses_guidance(cls) -> bool:
+        return cls.guidance_kind != "none"
+
+    def prepare_prompts(self, prompts: Sequence[str]) -> None:
+        """Called once by a run with every distinct prompt it will generate, before any batch.
+        Engines whose text encoders are large encode them all here, keep the embeddings and free
+        the encoders, so the denoiser never shares the device with them. Default: nothing."""
 
     # Rough peak activation memory of one image of 1024x1024 in one pipeline call (guidance
     # included, reduced precision); scales with the pixel count. Sizes automatic batches on CUDA.
@@ -106,9 +139,11 @@ class Engine(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def load(cls, location: str, runtime: Runtime, *, offline: bool, compile: bool = False,
-             digests: DigestCache | None = None) -> Engine:
+             digests: DigestCache | None = None, cpu_offload: bool = False) -> Engine:
         """Load weights from a hub id or a local directory; raise MissingWeightsError if absent.
-        ``digests`` remembers weight hashes between runs."""
+        ``digests`` remembers weight hashes between runs. ``cpu_offload``: on CUDA, each model
+        comes onto the GPU only for its own forward pass (diffusers' model CPU offload); no effect
+        on a CPU."""
 
     @classmethod
     def identify_weights(cls, location: str, *, digests: DigestCache | None = None) -> ModelIdentity | None:
@@ -145,7 +180,7 @@ class Engine(abc.ABC):
     @classmethod
     def batch_key(cls, request: ImageRequest) -> Hashable:
         """Requests with equal keys may share a batch. Engines widen this to what one call must share."""
-        return (request.steps, request.width, request.height)
+        return (request.steps, request.width, request.height, request.scheduler)
 
     @classmethod
     def plan_batches(

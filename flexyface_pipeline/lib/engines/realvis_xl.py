@@ -124,10 +124,43 @@ class RealVisXLEngine(Engine):
     default_model = "SG161222/RealVisXL_V5.0"
     setting = "FLEXYFACE_REALVIS_XL_MODEL"
 
+    steps_limits = (4, 60)
+    default_steps = (8, 48)
+    guidance_kind = "cfg"
+    guidance_limits = (0.5, 12.0)
+    default_guidance = (1.0, 8.0)
+    size_multiple = 8
+    # Sampler names (as in the usual SDXL front ends) -> diffusers scheduler class and settings,
+    # built from the model's own scheduler config (``Scheduler.from_config``).
+    schedulers = {
+        "Euler": ("EulerDiscreteScheduler", {}),
+        "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+        "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+        "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+        "UniPC": ("UniPCMultistepScheduler", {}),
+        "DDIM": ("DDIMScheduler", {}),
+    }
+
     def __init__(self, pipeline: Any, runtime: Runtime, identity: ModelIdentity) -> None:
         self._pipeline = pipeline
         self.runtime = runtime
         self.identity = identity
+        self._own_scheduler = pipeline.scheduler if pipeline is not None else None
+        self._schedulers: dict[str, Any] = {}
+
+    def _use_scheduler(self, name: str | None) -> None:
+        """Put the scheduler ``name`` (None: the model's own) into the pipeline for the next call."""
+        if name is None:
+            self.pipeline.scheduler = self._own_scheduler
+            return
+        if name not in self.schedulers:
+            raise ValueError(f"{self.name}: unknown scheduler {name!r}; known: {list(self.schedulers)}")
+        if name not in self._schedulers:
+            import diffusers
+
+            class_name, settings = self.schedulers[name]
+            self._schedulers[name] = getattr(diffusers, class_name).from_config(self._own_scheduler.config, **settings)
+        self.pipeline.scheduler = self._schedulers[name]
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -157,7 +190,7 @@ class RealVisXLEngine(Engine):
 
     @classmethod
     def load(cls, location: str, runtime: Runtime, *, offline: bool, compile: bool = False,
-             digests: DigestCache | None = None) -> RealVisXLEngine:
+             digests: DigestCache | None = None, cpu_offload: bool = False) -> RealVisXLEngine:
         resolved = cls._resolve(location, offline=offline)
         pipeline_class = _pipeline_class()
         start = time.perf_counter()
@@ -174,7 +207,12 @@ class RealVisXLEngine(Engine):
                 f"{cls.name}: cannot load the SDXL pipeline at {location!r} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:200]}); set {cls.setting} to a complete pipeline"
             ) from exc
-        pipeline.to(runtime.device)
+        if cpu_offload and runtime.is_cuda:
+            pipeline.enable_model_cpu_offload(device=runtime.device)
+        else:
+            if cpu_offload:
+                logger.info("%s: cpu_offload has no effect on %s", cls.name, runtime.device)
+            pipeline.to(runtime.device)
         # The original SDXL VAE overflows float16 (activations beyond 65504 become inf/NaN: black
         # images); its config says so with force_upcast=True, and it decodes in float32. VAEs fixed
         # for float16 (madebyollin/sdxl-vae-fp16-fix) say force_upcast=False and stay in float16.
@@ -202,7 +240,9 @@ class RealVisXLEngine(Engine):
 
     @classmethod
     def batch_key(cls, request: ImageRequest) -> Hashable:
-        return (request.steps, request.width, request.height, uses_cfg(request.guidance))
+        if request.guidance is None:
+            raise ValueError(f"{request.image_id}: {cls.name} needs a guidance value (classifier-free guidance scale)")
+        return (request.steps, request.width, request.height, uses_cfg(request.guidance), request.scheduler)
 
     @property
     def pipeline(self) -> Any:
@@ -217,7 +257,7 @@ class RealVisXLEngine(Engine):
         keys = {self.batch_key(r) for r in batch}
         if len(keys) != 1:
             raise ValueError(
-                "generate: a batch must share steps, size and guidance mode (> 1 or <= 1); "
+                "generate: a batch must share steps, size, guidance mode (> 1 or <= 1) and scheduler; "
                 f"got {sorted(keys, key=str)} — group requests with plan_batches"
             )
         return batch
@@ -229,6 +269,7 @@ class RealVisXLEngine(Engine):
         first = batch[0]
         generators = [torch.Generator(device=self.runtime.device).manual_seed(r.seed) for r in batch]
         scales = [r.guidance for r in batch]
+        self._use_scheduler(first.scheduler)
         start = time.perf_counter()
         latents = pipeline(
             prompt=[r.prompt for r in batch],
