@@ -152,3 +152,26 @@ def test_bad_input_is_rejected(pngs):
         build_grid(rows, max_side_px=100)
     with pytest.raises(ValueError, match="min_cell_px"):
         build_grid(rows, cell_px=32, min_cell_px=64)
+
+
+@pytest.mark.parametrize("cell_px", [64, 96, 128, 200])
+def test_every_cell_label_shows_every_score_at_its_widest(cell_px):
+    """The label's lines are laid out for the widest values a score can print, so no score (HPS,
+    the last one) falls off the cell, whatever the size."""
+    from flexyface_pipeline.lib.analysis.stats import make_bins
+    from flexyface_pipeline.lib.config import METRICS
+    from flexyface_pipeline.lib.grid import _layout, cell_label
+
+    s_bins = make_bins(pd.Series([4, 60]), 2, integer=True)
+    g_bins = make_bins(pd.Series([0.5, 12.0]), 2, integer=False)
+    layout = _layout(cell_px, list(METRICS), s_bins, g_bins)
+    assert [c for group in layout.score_lines for c in group] == list(METRICS)
+    for values in ([-0.000123] * 4, [-1.23e-05, 12.3456, -7.5, -0.0123], [0.25, 5.5, 6.25, 0.275], [None] * 4):
+        row = pd.Series({"steps": 60, "guidance": 11.75, **dict(zip(METRICS, values))})
+        lines = cell_label(row, 12, layout)
+        assert len(lines) == layout.label_lines
+        text = " ".join(lines)
+        for abbreviation in ("clip", "aes", "av2", "hps"):
+            assert f"{abbreviation} " in text, (cell_px, values, lines)
+        # Nothing was cut: no line ends in an ellipsis.
+        assert not any(line.endswith("…") for line in lines[1:]), lines

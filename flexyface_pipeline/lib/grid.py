@@ -54,6 +54,7 @@ class _Layout:
     cell_px: int
     font_px: int
     label_lines: int
+    score_lines: tuple[tuple[str, ...], ...]  # score columns per label line, after the settings line
     line_px: int
     left_px: int
     title_px: int
@@ -75,15 +76,18 @@ def _layout(cell_px: int, score_columns: list[str], s_bins: Bins, g_bins: Bins) 
     font_px = max(8, min(14, cell_px // 10))
     font = _font(font_px)
     line_px = font_px + 3
-    # Settings line, then scores packed into lines that fit the cell width.
-    sample = [f"{SCORE_ABBREVIATIONS.get(c, c[:4])} 00.00" for c in score_columns]
-    lines = 1 + len(_pack(sample, font, cell_px))
+    # Settings line, then scores packed into lines that fit the cell width. The packing is fixed
+    # here, for the longest value a score can print (``.3g``: "-0.000123", "-1.23e-05"), so every
+    # score has its line in every cell whatever its value.
+    score_lines = _pack_columns(score_columns, font, cell_px)
+    lines = 1 + len(score_lines)
     left = max(font.getlength(_steps_label(s_bins, i)) for i in range(len(s_bins))) + 2 * _PAD
     left = int(max(left, font.getlength("steps") + 2 * _PAD))
     return _Layout(
         cell_px=cell_px,
         font_px=font_px,
         label_lines=lines,
+        score_lines=score_lines,
         line_px=line_px,
         left_px=left,
         title_px=3 * (font_px + 4) + _PAD,
@@ -91,14 +95,31 @@ def _layout(cell_px: int, score_columns: list[str], s_bins: Bins, g_bins: Bins) 
     )
 
 
-def _pack(tokens: list[str], font, width: int) -> list[str]:
-    lines: list[str] = []
-    for token in tokens:
-        if lines and font.getlength(lines[-1] + "  " + token) <= width:
-            lines[-1] += "  " + token
-        else:
-            lines.append(token)
+def cell_label(row: pd.Series, n: int, layout: _Layout) -> list[str]:
+    """A cell's label lines: its settings, then every score (``layout.label_lines`` lines)."""
+    font = _font(layout.font_px)
+    settings = f"{int(row['steps'])} st · g {float(row['guidance']):.2f} · n {n}"
+    lines = [_fit_text(settings, font, layout.cell_px)]
+    lines += [_fit_text("  ".join(_score_token(c, row.get(c)) for c in group), font, layout.cell_px)
+              for group in layout.score_lines]
     return lines
+
+
+def _score_token(column: str, value: object) -> str:
+    text = f"{float(value):.3g}" if value is not None and pd.notna(value) else "–"
+    return f"{SCORE_ABBREVIATIONS.get(column, column[:4])} {text}"
+
+
+def _pack_columns(columns: list[str], font, width: int) -> tuple[tuple[str, ...], ...]:
+    """Score columns grouped into label lines: as many per line as fit at their widest values."""
+    lines: list[list[str]] = []
+    widest = {c: _score_token(c, -0.000123) for c in columns}
+    for column in columns:
+        if lines and font.getlength("  ".join([*(widest[c] for c in lines[-1]), widest[column]])) <= width:
+            lines[-1].append(column)
+        else:
+            lines.append([column])
+    return tuple(tuple(line) for line in lines)
 
 
 def _steps_label(bins: Bins, i: int) -> str:
@@ -251,16 +272,8 @@ def _draw_sheet(
                     (x0 + (layout.cell_px - thumb.width) // 2, y0 + _PAD + (layout.cell_px - thumb.height) // 2),
                 )
             label_y = y0 + _PAD + layout.cell_px + 1
-            n = counts.get((i, j), 0)
-            settings = f"{int(row['steps'])} st · g {float(row['guidance']):.2f} · n {n}"
-            lines = [_fit_text(settings, font, layout.cell_px)]
-            scores = []
-            for col in score_columns:
-                v = row.get(col)
-                value = f"{float(v):.3g}" if v is not None and pd.notna(v) else "–"
-                scores.append(f"{SCORE_ABBREVIATIONS.get(col, col[:4])} {value}")
-            lines += [_fit_text(t, font, layout.cell_px) for t in _pack(scores, font, layout.cell_px)]
-            for k, line in enumerate(lines[: layout.label_lines]):
+            lines = cell_label(row, counts.get((i, j), 0), layout)
+            for k, line in enumerate(lines):
                 draw.text((x0, label_y + k * layout.line_px), line, font=font, fill=_TEXT)
     return sheet
 
@@ -292,40 +305,58 @@ def iter_grids(
 ) -> Iterator[tuple[str, Image.Image]]:
     """Yield ``(name, sheet)`` one at a time; see :func:`build_grid`."""
     _validate(rows, steps_bins, guidance_bins, cell_px, max_side_px, min_cell_px)
-    usable = rows.dropna(subset=["steps", "guidance", "prompt"])
+    usable = rows.dropna(subset=["steps", "prompt"])
     if usable.empty:
         return
+    guided = usable["guidance"].notna()
     s_bins = make_bins(usable["steps"], steps_bins, integer=True)
-    g_bins = make_bins(usable["guidance"], guidance_bins, integer=False)
+    # Engines without guidance (NaN) get one guidance column of their own.
+    g_bins = make_bins(usable.loc[guided, "guidance"], guidance_bins, integer=False) if guided.any() else None
+    no_guidance = Bins((0.0,), (0.0,), False)
     score_columns = [m for m in METRICS if m in usable.columns]
-    layout = _choose_layout(cell_px, min_cell_px, max_side_px, score_columns, s_bins, g_bins)
+    layout = _choose_layout(cell_px, min_cell_px, max_side_px, score_columns, s_bins,
+                             g_bins if g_bins is not None else no_guidance)
     cols_per_tile = max(1, (max_side_px - layout.left_px) // layout.cell_w)
     rows_per_tile = max(1, (max_side_px - layout.title_px - layout.header_px) // layout.cell_h)
     images = _ImageCache(Path(image_root) if image_root is not None else None)
     prompts = list(dict.fromkeys(usable["prompt"].astype(str)))
-    for p_index, prompt in enumerate(prompts):
-        subset = usable[usable["prompt"].astype(str) == prompt]
-        reps = _representatives(subset, s_bins, g_bins)
-        codes = zip(s_bins.assign(subset["steps"].to_numpy(dtype=float)),
-                    g_bins.assign(subset["guidance"].to_numpy(dtype=float)))
-        counts: dict[tuple[int, int], int] = {}
-        for key in codes:
-            counts[(int(key[0]), int(key[1]))] = counts.get((int(key[0]), int(key[1])), 0) + 1
-        # Rows are drawn with the most steps on top, like the analysis heatmaps.
-        s_order = list(range(len(s_bins)))[::-1]
-        g_order = list(range(len(g_bins)))
-        row_tiles = [s_order[k : k + rows_per_tile] for k in range(0, len(s_order), rows_per_tile)]
-        col_tiles = [g_order[k : k + cols_per_tile] for k in range(0, len(g_order), cols_per_tile)]
-        tiled = len(row_tiles) * len(col_tiles) > 1
-        base = f"{p_index:03d}_{_slug(prompt)}"
-        for a, s_part in enumerate(row_tiles):
-            for b, g_part in enumerate(col_tiles):
-                note = f"; tile {a * len(col_tiles) + b + 1} of {len(row_tiles) * len(col_tiles)}" if tiled else ""
-                sheet = _draw_sheet(
-                    prompt, reps, counts, s_part, g_part, s_bins, g_bins, layout, score_columns, images, note
-                )
-                name = f"{base}_r{a + 1}c{b + 1}" if tiled else base
-                yield name, sheet
+    # One sheet per (engine, scheduler, prompt): images of different engines or samplers never share a cell.
+    group_columns = [c for c in ("engine", "scheduler") if c in usable.columns and usable[c].nunique(dropna=False) > 1]
+    keys = usable[group_columns].astype(str) if group_columns else pd.DataFrame(index=usable.index)
+    groups = list(dict.fromkeys(tuple(k) for k in keys.itertuples(index=False))) if group_columns else [()]
+    for group in groups:
+        in_group = (keys == list(group)).all(axis=1) if group_columns else pd.Series(True, index=usable.index)
+        label = " · ".join(f"{c} {v}" for c, v in zip(group_columns, group))
+        for p_index, prompt in enumerate(prompts):
+            subset = usable[in_group & (usable["prompt"].astype(str) == prompt)]
+            if subset.empty:
+                continue
+            sheet_g_bins = g_bins
+            if subset["guidance"].isna().all():
+                subset, sheet_g_bins = subset.assign(guidance=0.0), no_guidance
+            subset = subset[subset["guidance"].notna()]
+            reps = _representatives(subset, s_bins, sheet_g_bins)
+            codes = zip(s_bins.assign(subset["steps"].to_numpy(dtype=float)),
+                        sheet_g_bins.assign(subset["guidance"].to_numpy(dtype=float)))
+            counts: dict[tuple[int, int], int] = {}
+            for key in codes:
+                counts[(int(key[0]), int(key[1]))] = counts.get((int(key[0]), int(key[1])), 0) + 1
+            # Rows are drawn with the most steps on top, like the analysis heatmaps.
+            s_order = list(range(len(s_bins)))[::-1]
+            g_order = list(range(len(sheet_g_bins)))
+            row_tiles = [s_order[k : k + rows_per_tile] for k in range(0, len(s_order), rows_per_tile)]
+            col_tiles = [g_order[k : k + cols_per_tile] for k in range(0, len(g_order), cols_per_tile)]
+            tiled = len(row_tiles) * len(col_tiles) > 1
+            prefix = "".join(f"{_slug(v, 24)}_" for v in group)
+            base = f"{p_index:03d}_{prefix}{_slug(prompt)}"
+            title = f"{prompt} [{label}]" if label else prompt
+            for a, s_part in enumerate(row_tiles):
+                for b, g_part in enumerate(col_tiles):
+                    note = f"; tile {a * len(col_tiles) + b + 1} of {len(row_tiles) * len(col_tiles)}" if tiled else ""
+                    sheet = _draw_sheet(title, reps, counts, s_part, g_part, s_bins, sheet_g_bins, layout,
+                                        score_columns, images, note)
+                    name = f"{base}_r{a + 1}c{b + 1}" if tiled else base
+                    yield name, sheet
 
 
 def build_grid(
