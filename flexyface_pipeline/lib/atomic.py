@@ -13,6 +13,25 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process's umask. Linux reports it in /proc; elsewhere it is read by setting and
+    restoring it (``os`` has no getter), which briefly affects other threads."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode() -> int:
+    """The mode ``open`` would give a new file: 0666 less the umask."""
+    return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it is fsynced and renamed onto it."""
@@ -25,7 +44,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; finished files are ordinary readable files
+        os.chmod(tmp, _file_mode())  # mkstemp creates 0600; finished files follow the umask
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

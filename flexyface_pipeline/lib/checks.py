@@ -54,12 +54,43 @@ def check_scores(table: pd.DataFrame, metric: str, expected_rows: int) -> CheckO
     )
 
 
+def _png_damaged(path: Path) -> bool:
+    """Whether an existing file is not a complete PNG: ``verify`` reads every chunk and checks its
+    CRC (a truncated or overwritten file fails) without decoding the pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError):
+        return True
+    return False
+
+
 def check_images_exist(image_paths: list[Path]) -> CheckOutcome:
-    missing = [str(p) for p in image_paths if not Path(p).is_file()]
+    """Every image file exists and is a complete PNG. A missing or damaged image is regenerated
+    by running its sweep again (finished images are verified and kept)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [Path(p) for p in image_paths]
+    missing = [str(p) for p in paths if not p.is_file()]
+    present = [p for p in paths if p.is_file()]
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="verify") as pool:
+        damaged = [str(p) for p, bad in zip(present, pool.map(_png_damaged, present)) if bad]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} image file(s) missing (first: {missing[0]})")
+    if damaged:
+        problems.append(f"{len(damaged)} image file(s) damaged (first: {damaged[0]})")
+    if problems:
+        description = "; ".join(problems) + ": run the sweep again (`flexyface sweep NAME`) to regenerate them"
+    else:
+        description = f"all {len(paths)} image files exist and are complete PNGs"
     return CheckOutcome(
-        passed=not missing,
-        description=f"{len(missing)} image file(s) missing" if missing else f"all {len(image_paths)} image files exist",
-        metadata={"missing": missing[:20], "num_missing": len(missing)},
+        passed=not problems,
+        description=description,
+        metadata={"missing": missing[:20], "num_missing": len(missing),
+                  "damaged": damaged[:20], "num_damaged": len(damaged)},
     )
 
 
