@@ -24,8 +24,16 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	@touch $(STAMP)
 
 # .env: read by the dagster CLI, `dagster dev` and `flexyface`. Written once; edit it afterwards.
+# An existing .env keeps its values; settings that .env.example has and it lacks (added by a newer
+# version of the project) are appended with their defaults.
 .env: .env.example
-	@if [ -f .env ]; then echo ".env exists: keeping it (compare with .env.example)"; touch .env; \
+	@if [ -f .env ]; then \
+	  added=""; \
+	  for name in $$(sed -n 's/^\([A-Z][A-Z0-9_]*\)=.*/\1/p' .env.example); do \
+	    grep -q "^$$name=" .env || { grep "^$$name=" .env.example | sed "s|@@REPO@@|$(REPO)|g" >> .env; added="$$added $$name"; }; \
+	  done; \
+	  if [ -n "$$added" ]; then echo ".env exists: keeping its values; added the new settings$$added"; \
+	  else echo ".env exists: keeping it"; fi; touch .env; \
 	else sed "s|@@REPO@@|$(REPO)|g" .env.example > .env; echo "wrote .env"; fi
 
 # The Dagster instance under data/dagster/ (DAGSTER_HOME in .env): its dagster.yaml links to the
@@ -45,10 +53,17 @@ instance: $(STAMP) .env
 
 setup: $(STAMP) .env instance
 
+# Two engines, the same 64 prompts and seeds each (the analysis needs 60 images per metric and two
+# bins of 20 to draw and to test effects; the engines are compared pair by pair) at 64x64 and
+# 4-8 steps (within both engines' limits; flux1_schnell takes no guidance). One torch thread: the
+# tiny models are too small for two threads to pay, and on a busy machine two spin-waiting threads
+# made generation several times slower (OMP_NUM_THREADS set in the environment wins).
 demo: setup
-	$(VENV)/bin/flexyface sweep $(DEMO_SWEEP) --images 24 --prompt-file demo.txt \
-		--steps 4 24 --guidance 1.0 9.0 --width 64 --height 64 --seed 7
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/flexyface sweep $(DEMO_SWEEP) --images 64 --prompt-file demo.txt \
+		--engine realvis_xl flux1_schnell --steps 4 8 --guidance 1.0 9.0 --width 64 --height 64 --seed 7
 	@echo "Exports: $(REPO)/data/exports/sweep_results.parquet and $(REPO)/data/exports/sweep_results.csv"
+	@echo "Report:  $(REPO)/data/exports/sweep_report.html"
+	@echo "UI:      make dev, then open http://localhost:3000/assets/sweep_analysis (plots) and /assets/image_grid"
 
 test: setup
 	$(VENV)/bin/python -m pytest -ra

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_scoring.py --images 32
 
 Models: the full-size architectures with random weights (``random_full``: CLIP ViT-L/14 three
-times, hpsv2's ViT-H-14), built on first use under ``--models-dir`` through the scorers'
-``build_random_full`` and loaded from disk as real weights would be. Data: ``--images``
+times, hpsv2's ViT-H-14), built on first use under ``--models-dir`` by
+``lib/models/scorer_builders.py`` and loaded from disk as real weights would be. Data: ``--images``
 synthetic 512x512 PNGs in a temporary sweep, ``--prompts`` distinct prompts.
 
 Ours: ``lib.scoring.score_sweep`` for clip_score, aesthetic_score, aes_v2_score, hps_v2_score in
@@ -56,6 +56,7 @@ from flexyface_pipeline.lib.atomic import atomic_write_bytes
 from flexyface_pipeline.lib.metrics import SCORERS
 from flexyface_pipeline.lib.metrics.aesthetic import import_aesthetics_predictor
 from flexyface_pipeline.lib.models.common import DigestCache, Runtime, free_memory, resolve_runtime
+from flexyface_pipeline.lib.models.scorer_builders import scorer_builder
 from flexyface_pipeline.lib.scoring import score_sweep
 from flexyface_pipeline.lib.store import SweepStore
 
@@ -120,14 +121,14 @@ def build_models(models_dir: Path, metrics: Sequence[str], *, tiny: bool = False
     and ``.complete`` marker of ``ModelResource``'s random-weight profiles)."""
     locations = {}
     for metric in metrics:
-        cls = SCORERS[metric]
         target = models_dir / metric
         if not (target / ".complete").is_file():
             if target.exists():
                 shutil.rmtree(target)
             started = time.perf_counter()
             logger.info("building %s %s model under %s", "tiny" if tiny else "full-size random-weight", metric, target)
-            (cls.build_tiny if tiny else cls.build_random_full)(target)
+            builder = scorer_builder(metric)
+            (builder.build_tiny if tiny else builder.build_random_full)(target)
             (target / ".complete").write_text("ok\n")
             logger.info("built %s in %.0f s", metric, time.perf_counter() - started)
         locations[metric] = target

@@ -49,9 +49,28 @@ def _instance() -> Iterator[Any]:
             "DAGSTER_HOME is not set: run `make setup` (it writes .env) or export DAGSTER_HOME to a directory "
             "holding dagster.yaml"
         )
+    home = Path(os.environ["DAGSTER_HOME"])
+    if not (home / "dagster.yaml").is_file():
+        raise CliError(
+            f"DAGSTER_HOME={home} holds no dagster.yaml, so runs would go to a default instance without the "
+            "gpu pool limit and the sweep list: run `make setup`, or point DAGSTER_HOME at the project's "
+            "instance (data/dagster)"
+        )
     with dg.DagsterInstance.get() as instance:
+        if not _has_gpu_limit(instance):
+            raise CliError(
+                f"the instance at {home} sets no limit for the pool 'gpu' (two runs could hold GPU models at "
+                "once): run `make instance`, or `dagster instance concurrency set gpu 1`"
+            )
         recover_dead_runs(instance, logger)  # a killed run must not keep the gpu slot
         yield instance
+
+
+def _has_gpu_limit(instance: Any) -> bool:
+    """Whether the instance limits the pool ``gpu``: its own limit, or the instance's default."""
+    if instance.get_concurrency_config().pool_config.default_pool_limit is not None:
+        return True
+    return "gpu" in set(instance.event_log_storage.get_concurrency_keys())
 
 
 def _tags() -> dict[str, str]:
@@ -69,34 +88,53 @@ def _storage_root() -> Path:
     return Path(data_dir)
 
 
+def _axis_settings(args: argparse.Namespace) -> dict:
+    """Steps and guidance from the command line: MIN MAX ranges, or axis values for the grid."""
+    from flexyface_pipeline.lib.config import SweepConfigError, parse_axis
+
+    out: dict = {}
+    design = getattr(args, "design", "random")
+    for name, integer in (("steps", True), ("guidance", False)):
+        texts = getattr(args, name)
+        if texts is None:
+            continue
+        values = parse_axis(name, texts, integer=integer)
+        if design == "grid":
+            out[f"{name}_values"] = values
+        elif len(texts) != 2 or len(values) != 2:
+            raise SweepConfigError(name, f"give MIN MAX (got {' '.join(texts)}); lists of values are for --design grid")
+        else:
+            out[f"{name}_min"], out[f"{name}_max"] = values
+    return out
+
+
 def _sweep_run_config(args: argparse.Namespace) -> dict:
-    return {
-        "ops": {
-            "sweep_parameters": {
-                "config": {
-                    "num_images": args.images,
-                    "steps_min": args.steps[0],
-                    "steps_max": args.steps[1],
-                    "guidance_min": args.guidance[0],
-                    "guidance_max": args.guidance[1],
-                    "width": args.width,
-                    "height": args.height,
-                    "prompt_files": args.prompt_file or ([] if args.prompt else ["portraits.txt"]),
-                    "prompts": args.prompt or [],
-                    "base_seed": args.seed,
-                    "engine": args.engine,
-                }
-            }
-        }
+    config = {
+        "num_images": args.images,
+        "width": args.width,
+        "height": args.height,
+        "prompt_files": args.prompt_file or ([] if args.prompt else ["portraits.txt"]),
+        "prompts": args.prompt or [],
+        "base_seed": args.seed,
+        "engines": args.engine or [],
+        "design": args.design,
+        "sizes": args.size or [],
+        "schedulers": args.scheduler or [],
+        "seeds_per_cell": args.seeds_per_cell,
+        **_axis_settings(args),
     }
+    if args.design == "adaptive":
+        config.update(rounds=args.rounds, objective=args.metric)
+    return {"ops": {"sweep_parameters": {"config": config}}}
 
 
 def _validate_sweep(args: argparse.Namespace) -> None:
     """Fail on bad settings before anything is written or loaded."""
-    from flexyface_pipeline.lib.config import build_sweep_spec
+    from flexyface_pipeline.defs.assets.sweep import SweepConfig
+    from flexyface_pipeline.lib.store import SweepStore
 
     cfg = _sweep_run_config(args)["ops"]["sweep_parameters"]["config"]
-    build_sweep_spec(sweep=args.name, prompts_dir=_storage_root() / "prompts", **cfg)
+    SweepConfig(**cfg).to_spec(args.name, SweepStore(_storage_root()))
 
 
 def _error_line(error) -> str:
@@ -176,10 +214,24 @@ def _finish(results: list, problem: str | None, args: argparse.Namespace) -> Non
         raise CliError(problem)
 
 
+def _no_export_selection(args: argparse.Namespace) -> list | None:
+    """With --no-export nothing is written under data/exports/: the sweep's assets without its
+    contact sheets (``image_grid``); None (the whole job) otherwise."""
+    if not getattr(args, "no_export", False):
+        return None
+    import dagster as dg
+
+    from flexyface_pipeline.lib.export import SCORE_TABLES
+
+    return [dg.AssetKey(k) for k in ("sweep_parameters", "generated_images", *(t for t, _ in SCORE_TABLES.values()))]
+
+
 def run_sweep(args: argparse.Namespace) -> None:
     from flexyface_pipeline.definitions import defs
     from flexyface_pipeline.defs.partitions import sweeps_partitions
 
+    if args.design == "adaptive":
+        raise CliError("an adaptive sweep runs in rounds: use `flexyface tune NAME --engine E --budget N`")
     _validate_sweep(args)
     with _instance() as instance:
         if not instance.has_dynamic_partition(sweeps_partitions.name, args.name):
@@ -187,16 +239,56 @@ def run_sweep(args: argparse.Namespace) -> None:
             logger.info("added sweep partition %s", args.name)
         job = defs.resolve_job_def("sweep_job")
         result = job.execute_in_process(instance=instance, partition_key=args.name,
-                                        run_config=_sweep_run_config(args), tags=_tags(), raise_on_error=False)
+                                        run_config=_sweep_run_config(args), tags=_tags(), raise_on_error=False,
+                                        asset_selection=_no_export_selection(args))
     _finish([result], _problem(result, f"sweep {args.name}"), args)
+
+
+def run_tune(args: argparse.Namespace) -> None:
+    """An adaptive sweep: rounds of sweep_job runs, each asking the study for the next trials."""
+    from flexyface_pipeline.definitions import defs
+    from flexyface_pipeline.defs.partitions import sweeps_partitions
+    from flexyface_pipeline.defs.tuning import TUNE_TAG, tuning_finished
+    from flexyface_pipeline.lib.store import SweepStore
+
+    args.images, args.design, args.size, args.seeds_per_cell = args.budget, "adaptive", args.size, 1
+    args.engine = [args.engine]
+    _validate_sweep(args)
+    store = SweepStore(_storage_root())
+    results, problem = [], None
+    with _instance() as instance:
+        if not instance.has_dynamic_partition(sweeps_partitions.name, args.name):
+            instance.add_dynamic_partitions(sweeps_partitions.name, [args.name])
+            logger.info("added sweep partition %s", args.name)
+        job = defs.resolve_job_def("sweep_job")
+        # Each round's run repeats the definition (unchanged: nothing is dropped) and grows the sweep;
+        # a round more than asked covers a run that stopped after asking and before writing.
+        for number in range(1, args.rounds + 2):
+            if tuning_finished(instance, store, args.name) and store.has_table("parameters", args.name):
+                break
+            logger.info("tuning %s: round %d", args.name, number)
+            results.append(job.execute_in_process(
+                instance=instance, partition_key=args.name, run_config=_sweep_run_config(args),
+                tags=_tags() | {TUNE_TAG: args.name}, raise_on_error=False,
+                asset_selection=_no_export_selection(args)))
+            problem = _problem(results[-1], f"tuning {args.name}, round {number}")
+            if problem is not None:
+                break
+    _finish(results, problem, args)
 
 
 def run_export(args: argparse.Namespace) -> None:
     from flexyface_pipeline.definitions import defs
 
+    strict = bool(getattr(args, "strict", False))
     with _instance() as instance:
-        result = defs.resolve_job_def("export_job").execute_in_process(instance=instance, tags=_tags(),
-                                                                       raise_on_error=False)
+        result = defs.resolve_job_def("export_job").execute_in_process(
+            instance=instance, tags=_tags(), raise_on_error=False,
+            run_config={"ops": {"sweep_results": {"config": {"strict": strict}}}})
+    for event in result.get_asset_materialization_events():
+        entry = event.materialization.metadata.get("damaged_sweeps")
+        for sweep, why in sorted((entry.value if entry is not None else {}).items()):
+            logger.warning("sweep %s left out of the export: %s", sweep, why)
     _check(result, "export")
     exports = _storage_root() / "exports"
     logger.info("exports written under %s", exports)
@@ -237,8 +329,11 @@ def run_rescore(args: argparse.Namespace) -> None:
             if unknown:
                 raise CliError(f"unknown sweep(s) {unknown}; known sweeps: {known}")
             blocks = [[sweep] for sweep in args.sweep]
-        selection = [SCORE_TABLES[m][0] for m in metrics]
+        # The contact sheets print every score: redrawn after the new scores, in the same run.
+        selection = [SCORE_TABLES[m][0] for m in metrics] + ([] if args.no_export else ["image_grid"])
         job = dg.define_asset_job("rescore", selection=selection)
+        # --force: every image again; by default an image keeps a score that is still right.
+        run_config = {"ops": {SCORE_TABLES[m][0]: {"config": {"rescore_all": bool(args.force)}} for m in metrics}}
         resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("rescore")
         results, problem = [], None
         for block in blocks:
@@ -246,10 +341,12 @@ def run_rescore(args: argparse.Namespace) -> None:
                 # One run over the block: the score assets' single-run backfill policy loads each model once.
                 tags = _tags() | {"dagster/asset_partition_range_start": block[0],
                                   "dagster/asset_partition_range_end": block[-1]}
-                results.append(resolved.execute_in_process(instance=instance, tags=tags, raise_on_error=False))
+                results.append(resolved.execute_in_process(instance=instance, tags=tags, raise_on_error=False,
+                                                           run_config=run_config))
                 problem = _problem(results[-1], f"re-scoring sweeps {block[0]} to {block[-1]}")
             else:
                 results.append(resolved.execute_in_process(instance=instance, partition_key=block[0],
+                                                           run_config=run_config,
                                                            tags=_tags(), raise_on_error=False))
                 problem = _problem(results[-1], f"re-scoring {block[0]}")
             if problem is not None:
@@ -294,6 +391,63 @@ def run_remove(args: argparse.Namespace) -> None:
         run_export(args)
 
 
+def run_doctor(args: argparse.Namespace) -> None:
+    """Check sweeps for damaged files; with --repair remove them and run what makes them again."""
+    from flexyface_pipeline.definitions import defs
+    from flexyface_pipeline.defs.partitions import sweeps_partitions
+    from flexyface_pipeline.lib import doctor
+    from flexyface_pipeline.lib.store import SweepStore
+
+    store = SweepStore(_storage_root())
+    with _instance() as instance:
+        known = instance.get_dynamic_partitions(sweeps_partitions.name)
+    unknown = [s for s in args.sweep if s not in known]
+    if unknown:
+        raise CliError(f"unknown sweep(s) {unknown}; known sweeps: {known}")
+    sweeps = args.sweep or [s for s in known if _valid_name(s)]
+    diagnoses = [doctor.examine(store, sweep) for sweep in sweeps]
+    damaged = [d for d in diagnoses if not d.healthy]
+    for d in diagnoses:
+        if d.healthy:
+            sys.stdout.write(f"{d.sweep}: healthy\n")
+        for finding in d.findings:
+            sys.stdout.write(f"{d.sweep}: {finding.path}: {finding.problem}\n")
+    if not damaged:
+        return
+    if not args.repair:
+        raise CliError(f"{len(damaged)} damaged sweep(s): {', '.join(d.sweep for d in damaged)}; "
+                       "run `flexyface doctor --repair` to repair them")
+    unrepairable = [d for d in damaged if d.unrepairable]
+    results, problem = [], None
+    with _instance() as instance:
+        for d in damaged:
+            if d.unrepairable:
+                continue
+            for line in doctor.clear(store, d):
+                sys.stdout.write(f"{d.sweep}: {line}\n")
+            if d.regenerate:
+                job = defs.resolve_job_def("sweep_job")  # the stored settings: no run config
+                sys.stdout.write(f"{d.sweep}: running the sweep again (finished images are verified and kept)\n")
+                results.append(job.execute_in_process(instance=instance, partition_key=d.sweep, tags=_tags(),
+                                                      raise_on_error=False))
+            else:
+                import dagster as dg
+
+                from flexyface_pipeline.lib.export import SCORE_TABLES
+
+                sys.stdout.write(f"{d.sweep}: re-scoring {', '.join(d.rescore)}\n")
+                job = dg.define_asset_job("repair_scores", selection=[SCORE_TABLES[m][0] for m in d.rescore])
+                resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("repair_scores")
+                results.append(resolved.execute_in_process(instance=instance, partition_key=d.sweep, tags=_tags(),
+                                                           raise_on_error=False))
+            problem = _problem(results[-1], f"repairing {d.sweep}")
+            if problem is not None:
+                break
+    if problem is None and unrepairable:
+        problem = "; ".join(d.unrepairable for d in unrepairable)
+    _finish(results, problem, args)
+
+
 def run_recover(args: argparse.Namespace) -> None:
     """``_instance()`` already recovers; report what it found."""
     import dagster as dg
@@ -303,30 +457,56 @@ def run_recover(args: argparse.Namespace) -> None:
     sys.stdout.write(f"{len(left)} run(s) still in progress\n")
 
 
+def _add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", nargs="+", metavar="N",
+                        help="MIN MAX (default: each engine's own range); grid: values or START:STOP:COUNT")
+    parser.add_argument("--guidance", nargs="+", metavar="G",
+                        help="MIN MAX (default: each engine's own range); grid: values or START:STOP:COUNT")
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--size", nargs="+", metavar="WxH", help="size axis, e.g. 512x512 768x768")
+    parser.add_argument("--scheduler", nargs="+", metavar="NAME", help="scheduler axis, e.g. Euler 'DPM++ 2M Karras'")
+    parser.add_argument("--prompt-file", action="append", help="prompt file under data/prompts/ (repeatable)")
+    parser.add_argument("--prompt", action="append", help="inline prompt (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexyface", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     sweep = sub.add_parser("sweep", help="add a sweep partition, generate and score it, then export")
     sweep.add_argument("name", help="sweep name (the partition key): letters, digits, '.', '_', '-'")
-    sweep.add_argument("--images", type=int, required=True, help="number of images")
-    sweep.add_argument("--steps", type=int, nargs=2, default=[8, 48], metavar=("MIN", "MAX"), help="steps range (4–60)")
-    sweep.add_argument("--guidance", type=float, nargs=2, default=[1.0, 8.0], metavar=("MIN", "MAX"),
-                       help="guidance range (0.5–12)")
-    sweep.add_argument("--width", type=int, default=512)
-    sweep.add_argument("--height", type=int, default=512)
-    sweep.add_argument("--prompt-file", action="append", help="prompt file under data/prompts/ (repeatable)")
-    sweep.add_argument("--prompt", action="append", help="inline prompt (repeatable)")
-    sweep.add_argument("--seed", type=int, default=0, help="base seed")
-    sweep.add_argument("--engine", default="realvis_xl")
+    sweep.add_argument("--images", type=int, help="images per engine (the grid design derives it)")
+    sweep.add_argument("--design", default="random",
+                       help="random (default), grid (axis values), sobol (scrambled Sobol over the ranges)")
+    _add_setting_arguments(sweep)
+    sweep.add_argument("--seeds-per-cell", type=int, default=1, metavar="K",
+                       help="grid: seeds per prompt and cell, the same K seeds in every cell of a prompt")
+    sweep.add_argument("--engine", nargs="+", help="engine(s); several get the same prompts and seeds "
+                       "(default realvis_xl)")
     sweep.add_argument("--no-export", action="store_true", help="skip merging into data/exports/")
     sweep.set_defaults(func=run_sweep)
+
+    tune = sub.add_parser("tune", help="adaptive sweep: Optuna proposes each round's settings from the scores so far")
+    tune.add_argument("name", help="sweep name (the partition key)")
+    tune.add_argument("--engine", default="realvis_xl")
+    tune.add_argument("--budget", type=int, required=True, help="images in all (one trial: an image per prompt)")
+    tune.add_argument("--rounds", type=int, default=5, help="rounds of trials (default 5)")
+    tune.add_argument("--metric", default="combined",
+                      help="quality to maximise: combined (within-prompt z of every metric, default) or a metric")
+    _add_setting_arguments(tune)
+    tune.add_argument("--no-export", action="store_true", help="skip merging into data/exports/")
+    tune.set_defaults(func=run_tune)
 
     rescore = sub.add_parser("rescore", help="recompute one or more metrics for some or all sweeps")
     rescore.add_argument("metric", nargs="+", help="clip_score, aesthetic_score, aes_v2_score, hps_v2_score")
     target = rescore.add_mutually_exclusive_group(required=True)
     target.add_argument("--sweep", action="append", help="sweep to re-score (repeatable)")
     target.add_argument("--all", action="store_true", help="every sweep that has images (the others are skipped)")
+    rescore.add_argument("--force", action="store_true",
+                         help="score every image again (by default an image whose bytes, weights and precision are "
+                         "unchanged keeps its score)")
     rescore.add_argument("--no-export", action="store_true")
     rescore.set_defaults(func=run_rescore)
 
@@ -338,7 +518,17 @@ def build_parser() -> argparse.ArgumentParser:
     recover = sub.add_parser("recover", help="mark runs whose process died as failed and free their gpu slot")
     recover.set_defaults(func=run_recover)
 
+    doctor = sub.add_parser("doctor", help="check sweeps for damaged files (tables, images, definitions)")
+    doctor.add_argument("sweep", nargs="*", help="sweeps to check (default: all)")
+    doctor.add_argument("--repair", action="store_true",
+                        help="remove what is damaged and make it again (re-run the sweep or re-score a metric), "
+                        "then refresh the export")
+    doctor.add_argument("--no-export", action="store_true", help="do not refresh data/exports/ afterwards")
+    doctor.set_defaults(func=run_doctor)
+
     export = sub.add_parser("export", help="merge every sweep into data/exports/")
+    export.add_argument("--strict", action="store_true",
+                        help="exit with status 1 when a sweep is damaged (its healthy sweeps are exported either way)")
     export.set_defaults(func=run_export)
     return parser
 
@@ -371,8 +561,8 @@ def _dagster_error_line(err: Exception) -> str:
     text = str(err)
     unset = re.search(r'environment variable "([A-Za-z0-9_]+)" which is not set', text)
     if unset:
-        return (f"{unset.group(1)} is not set: add it to .env (compare .env with .env.example; "
-                "`make setup` keeps an existing .env) or export it")
+        return (f"{unset.group(1)} is not set: run `make setup` (it adds the settings of .env.example that "
+                ".env lacks, keeping your values) or export it")
     causes = [line.strip() for line in text.splitlines() if line.strip()]
     summary = " ".join(causes[:2])
     return f"{type(err).__name__}: {summary[:400]}"

@@ -7,24 +7,15 @@ import dagster as dg
 import pytest
 
 from flexyface_pipeline import cli
+from flexyface_pipeline_tests.helpers import project_env
 
 
 @pytest.fixture
 def cli_env(monkeypatch, data_dir, dagster_home, tmp_path, tiny_models_dir):
     monkeypatch.chdir(tmp_path)  # no .env here
-    env = {
-        "DAGSTER_HOME": str(dagster_home),
-        "FLEXYFACE_DATA_DIR": str(data_dir),
-        "FLEXYFACE_MODEL_PROFILE": "tiny",
-        "FLEXYFACE_MODELS_DIR": str(tiny_models_dir),
-        "FLEXYFACE_DEVICE": "cpu",
-        "FLEXYFACE_DTYPE": "auto",
-        "FLEXYFACE_REALVIS_XL_MODEL": "SG161222/RealVisXL_V5.0",
-        "FLEXYFACE_CLIP_MODEL": "openai/clip-vit-large-patch14",
-        "FLEXYFACE_AESTHETIC_V1_MODEL": "shunk031/aesthetics-predictor-v1-vit-large-patch14",
-        "FLEXYFACE_AESTHETIC_V2_MODEL": "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
-        "FLEXYFACE_HPS_V2_MODEL": "xswu/HPSv2",
-    }
+    # Every setting of .env.example (as `make setup` writes .env), with this test's instance and data.
+    env = {k: v for k, v in project_env(dagster_home, data_dir, tiny_models_dir).items()
+           if k.startswith(("FLEXYFACE_", "DAGSTER_"))}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return data_dir
@@ -85,7 +76,7 @@ def test_two_sweeps_then_rescore_all_in_one_run(cli_env, capsys, caplog):
         run = instance.get_runs(limit=1)[0]
         assert run.job_name == "rescore"
         steps = {e.step_key for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)}
-        assert steps == {"hps_v2_scores"}
+        assert steps == {"hps_v2_scores"}  # --no-export: nothing under data/exports/, no contact sheets either
         assert run.tags["dagster/asset_partition_range_start"] == "c1"
         assert run.tags["dagster/asset_partition_range_end"] == "c2"
         assert _hps_runs(instance) == [("c1", "c2")]
@@ -163,8 +154,8 @@ def test_an_unset_setting_is_named_in_one_line(cli_env, monkeypatch, caplog):
     monkeypatch.delenv("FLEXYFACE_DEVICE")  # as with a .env written before the setting existed
     assert cli.main(["sweep", "unset", "--images", "2", *COMMON]) == 1
     assert _errors(caplog) == [
-        "FLEXYFACE_DEVICE is not set: add it to .env (compare .env with .env.example; `make setup` keeps an "
-        "existing .env) or export it"
+        "FLEXYFACE_DEVICE is not set: run `make setup` (it adds the settings of .env.example that .env lacks, "
+        "keeping your values) or export it"
     ]
     with dg.DagsterInstance.get() as instance:
         assert instance.get_runs() == []

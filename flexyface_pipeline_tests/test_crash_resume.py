@@ -24,7 +24,7 @@ from flexyface_pipeline.lib.engines import get_engine
 from flexyface_pipeline.lib.engines.base import ImageRequest
 from flexyface_pipeline.lib.export import SCORE_TABLES
 from flexyface_pipeline.lib.generation import IDENTITY_FIELDS, read_png_record, verify_image
-from flexyface_pipeline.lib.metrics import get_scorer
+from flexyface_pipeline.lib.models.scorer_builders import scorer_builder
 from flexyface_pipeline.lib.store import SweepStore
 from flexyface_pipeline_tests.helpers import BIN, REPO, link_instance, project_env, tiny_resources
 
@@ -53,7 +53,7 @@ def _build_tiny_models(data_dir: Path, models_dir: Path) -> None:
     models = tiny_resources(data_dir, models_dir)["models"]
     models.location("realvis_xl", get_engine("realvis_xl"))
     for metric in SCORE_TABLES:
-        models.location(metric, get_scorer(metric))
+        models.location(metric, scorer_builder(metric))
 
 
 def _pixels(path: Path) -> np.ndarray:

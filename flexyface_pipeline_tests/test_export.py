@@ -37,8 +37,11 @@ def _sweep(name: str, n: int, rng: np.random.Generator, scored: set[str]):
         prefix = SCORE_TABLES[metric][1]
         scores[metric] = pd.DataFrame(
             {"image_id": params["image_id"], metric: rng.uniform(0, 1, n), f"{prefix}_model": "x",
-             f"{prefix}_model_revision": "sha256:0"}
+             f"{prefix}_model_revision": "sha256:0", f"{prefix}_device": "cuda:0",
+             f"{prefix}_dtype": "float16" if metric == "hps_v2_score" else "float32", f"{prefix}_tf32": False}
         )
+        if metric == "clip_score":
+            scores[metric]["clip_prompt_truncated"] = np.arange(n) % 4 == 0
     return params, images, scores
 
 
@@ -78,3 +81,22 @@ def test_merge_refuses_duplicate_rows():
 def test_empty_export_has_the_columns():
     df = finalize([])
     assert list(df.columns) == EXPORT_COLUMNS and len(df) == 0
+
+
+def test_provenance_columns_follow_the_seed_and_model_columns(tmp_path):
+    seed = ["steps", "guidance", "clip_score", "aesthetic_score", "aes_v2_score", "hps_v2_score", "elapsed_ms", "seed"]
+    assert EXPORT_COLUMNS[:8] == seed
+    model_columns = [c for c in EXPORT_COLUMNS if c.endswith(("_model", "_model_revision"))]
+    new = [f"{p}_{f}" for p in ("clip", "aesthetic_v1", "aesthetic_v2", "hps_v2") for f in ("device", "dtype", "tf32")]
+    assert EXPORT_COLUMNS[-len(new) - 1:] == [*new, "clip_prompt_truncated"]
+    assert EXPORT_COLUMNS.index(model_columns[-1]) < EXPORT_COLUMNS.index(new[0])
+
+    rng = np.random.default_rng(2)
+    df = finalize([merge_tables(*_sweep("a", 12, rng, set(METRICS)))])
+    parquet, csv = write_export(df, tmp_path)
+    for back in (pd.read_parquet(parquet), pd.read_csv(csv)):
+        assert back["hps_v2_dtype"].tolist() == ["float16"] * 12 and back["clip_dtype"].tolist() == ["float32"] * 12
+        assert back["aesthetic_v2_device"].tolist() == ["cuda:0"] * 12
+        assert back["aesthetic_v1_tf32"].tolist() == [False] * 12
+        by_id = dict(zip(back["image_id"], back["clip_prompt_truncated"]))
+        assert by_id == {f"a-{i:05d}": i % 4 == 0 for i in range(12)}

@@ -4,7 +4,9 @@ next batch, progress counted only for files on disk."""
 from __future__ import annotations
 
 import logging
+import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from flexyface_pipeline.lib import generation
 from flexyface_pipeline.lib.config import build_sweep_spec
 from flexyface_pipeline.lib.engines.base import MAX_CUDA_BATCH, Engine
 from flexyface_pipeline.lib.generation import generate_sweep, read_png_record
+from flexyface_pipeline.lib.progress import Progress
 from flexyface_pipeline.lib.sampling import sample_parameters
 from flexyface_pipeline.lib.store import SweepStore
 from flexyface_pipeline_tests.helpers import tiny_resources
@@ -182,15 +185,83 @@ def test_files_are_written_while_the_next_batch_generates(models, data_dir, monk
 
     progress = []
 
-    def after_batch(finished: int) -> None:
-        counted = [i for call in recording.calls for i in call][:finished]
-        progress.append((finished, all(store.image_path("gen", i).is_file() for i in counted)))
+    def after_batch(done: Progress) -> None:
+        counted = [i for call in recording.calls for i in call][:done.done]
+        progress.append((done.done, all(store.image_path("gen", i).is_file() for i in counted)))
+        assert done.latest == store.image_path("gen", counted[-1]) and done.total == NUM_IMAGES
 
     monkeypatch.setattr(generation, "write_png", held_write)
     report = generate_sweep(params, store, lambda: recording, batch_size=2, after_batch=after_batch)
     assert [len(c) for c in recording.calls] == [2, 2, 2, 1]
     assert progress == [(2, True), (4, True), (6, True), (7, True)]
     assert report.generated == NUM_IMAGES
+
+
+class _Lines(logging.Handler):
+    """The messages logged to one logger, from any thread."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        self.logger = logging.getLogger(name)
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def progress(self) -> list[str]:
+        return [m for m in list(self.messages) if m.startswith("generated ")]
+
+
+PROGRESS_LINE = re.compile(r"generated (\d+)/(\d+) images \((\d+) %\), ([\d.]+) images/s, ETA (\d+) s "
+                           r"\(steps=4, batch of (\d), \d+ ms/image\)")
+
+
+def test_progress_is_logged_per_batch_while_the_next_batch_generates(models, data_dir) -> None:
+    """Batch k's line (done/total, rate, ETA) appears once its files are written, while batch
+    k + 1 generates: each call after the first waits for the line of the batch before it (a
+    line logged only after the next batch finished would never come)."""
+    lines = _Lines("flexyface.test.progress")
+    engine = models.engine("realvis_xl")
+    seen_before_next_finished: list[bool] = []
+
+    class Waiting(_Recording):
+        def generate(self, batch):
+            k = len(self.calls)
+            images = super().generate(batch)
+            if k:
+                deadline = time.monotonic() + 30
+                while len(lines.progress()) < k and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                seen_before_next_finished.append(len(lines.progress()) >= k)
+            return images
+
+    try:
+        report = generate_sweep(_parameters(data_dir), SweepStore(data_dir), lambda: Waiting(engine),
+                                batch_size=2, log=lines.logger)
+    finally:
+        lines.logger.removeHandler(lines)
+    assert report.generated == NUM_IMAGES
+    assert seen_before_next_finished == [True, True, True]
+    parsed = [PROGRESS_LINE.fullmatch(m) for m in lines.progress()]
+    assert all(parsed), lines.progress()
+    assert [(int(m[1]), int(m[2]), int(m[3]), int(m[6])) for m in parsed] == [
+        (2, 7, 28, 2), (4, 7, 57, 2), (6, 7, 85, 2), (7, 7, 100, 1)]
+    assert all(float(m[4]) > 0 for m in parsed) and int(parsed[-1][5]) == 0
+
+
+def test_a_failing_after_batch_stops_the_sweep(models, data_dir) -> None:
+    store = SweepStore(data_dir)
+
+    def fail(progress: Progress) -> None:
+        raise KeyError("observer failed")
+
+    with pytest.raises(KeyError, match="observer failed"):
+        generate_sweep(_parameters(data_dir), store, lambda: models.engine("realvis_xl"), batch_size=2,
+                       after_batch=fail)
+    written = list(store.images_dir("gen").glob("*.png"))
+    assert 2 <= len(written) < NUM_IMAGES
 
 
 def test_images_made_by_other_weights_are_generated_again(models, data_dir, caplog) -> None:

@@ -34,7 +34,7 @@ from flexyface_pipeline.lib.models.common import (
     resolve_runtime,
     weights_digest,
 )
-from flexyface_pipeline.lib.models.scorer_builders import model_directory
+from flexyface_pipeline.lib.models.scorer_builders import model_directory, scorer_builder
 
 CPU = resolve_runtime("cpu", "fp32")
 CPU_BF16 = resolve_runtime("cpu", "bf16")
@@ -70,8 +70,8 @@ def make_images() -> list[PIL.Image.Image]:
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_scorers")
     dirs = {}
-    for metric, cls in SCORERS.items():
-        cls.build_tiny(root / metric)
+    for metric in SCORERS:
+        scorer_builder(metric).build_tiny(root / metric)
         dirs[metric] = root / metric
     return dirs
 
@@ -184,6 +184,34 @@ def test_clip_towers_share_embeddings(tiny, images) -> None:
         np.testing.assert_array_equal(shared, tiny[metric].score(images, PROMPTS))
 
 
+def test_long_prompts_are_cut_to_bos_75_tokens_eos(tiny) -> None:
+    """A prompt over CLIP's 77-token context is encoded as OpenAI CLIP and diffusers encode it:
+    BOS, its first 75 tokens, EOS (torchmetrics' CLIPScore keeps 77 tokens without EOS)."""
+    scorer = tiny["clip_score"]
+    tokenizer, model = scorer.processor.tokenizer, scorer.model
+    long = "a portrait of a woman, " + ", ".join(f"detail {i} in red and blue" for i in range(30))
+    ids = tokenizer(long, truncation=False, verbose=False)["input_ids"]
+    assert len(ids) > 77 and ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert scorer.prompts_truncated([long, "a red cat", long]) == [True, False, True]
+    assert scorer.prompt_token_counts([long]) == [len(ids)]
+
+    cut = torch.tensor([[ids[0], *ids[1:76], tokenizer.eos_token_id]])
+    assert cut.shape == (1, 77)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.get_text_features(input_ids=cut).pooler_output, dim=-1)
+        # What keeping 77 tokens without EOS would give: another embedding.
+        no_eos = torch.nn.functional.normalize(
+            model.get_text_features(input_ids=torch.tensor([ids[:77]])).pooler_output, dim=-1)
+    got = scorer.text_embeddings([long])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert (got - no_eos).abs().max() > 1e-3
+    # Exactly 77 tokens is not truncated.
+    words = long.split(" ")
+    fits = next(" ".join(words[:n]) for n in range(len(words), 0, -1)
+                if len(tokenizer(" ".join(words[:n]), verbose=False)["input_ids"]) <= 77)
+    assert scorer.prompts_truncated([fits]) == [False]
+
+
 def test_vision_digest_follows_weights_preprocessing_and_dtype(tiny, tiny_dirs, tmp_path) -> None:
     import aesthetics_predictor
 
@@ -284,22 +312,17 @@ def test_vision_digest_follows_the_image_processor_class_and_tf32(tiny, tmp_path
     assert preprocessing_settings(other) == preprocessing_settings(processor)  # only the class differs
     assert vision_tower_digest(model, other, CPU) != vision_tower_digest(model, processor, CPU) == scorer.vision_digest
 
-    # Only the flags are read (the model stays where it is), so a CUDA runtime can be described
-    # without a GPU.
-    cuda = Runtime(torch.device("cuda"), torch.float32)
+    # Only the runtime's TF32 setting is read (the model stays where it is), so a CUDA runtime
+    # can be described without a GPU.
     digests = DigestCache(tmp_path / "digests.json")
     by_flag = {}
-    before = torch.backends.cuda.matmul.allow_tf32
-    try:
-        for allowed in (True, False):
-            torch.backends.cuda.matmul.allow_tf32 = allowed
-            by_flag[allowed] = vision_tower_digest(model, processor, cuda)
-            # remembered under a key that holds the flag
-            remembered = vision_tower_digest(model, processor, cuda, identity=scorer.identity, digests=digests)
-            assert remembered == by_flag[allowed]
-            assert vision_tower_digest(model, processor, CPU) == scorer.vision_digest
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    for allowed in (True, False):
+        cuda = Runtime(torch.device("cuda"), torch.float32, tf32=allowed)
+        by_flag[allowed] = vision_tower_digest(model, processor, cuda)
+        # remembered under a key that holds the flag
+        remembered = vision_tower_digest(model, processor, cuda, identity=scorer.identity, digests=digests)
+        assert remembered == by_flag[allowed]
+        assert vision_tower_digest(model, processor, CPU) == scorer.vision_digest
     assert by_flag[True] != by_flag[False]
     assert scorer.vision_digest not in by_flag.values()
 
@@ -463,7 +486,8 @@ def test_identity_of_local_weights(tiny, tiny_dirs, metric) -> None:
     assert scorer.identity.revision == "sha256:" + weights_digest(str(tiny_dirs[metric]))
     prefix = SCORERS[metric].column_prefix
     assert scorer.columns() == {f"{prefix}_model": scorer.identity.model_id,
-                                f"{prefix}_model_revision": scorer.identity.revision}
+                                f"{prefix}_model_revision": scorer.identity.revision,
+                                f"{prefix}_device": "cpu", f"{prefix}_dtype": "float32", f"{prefix}_tf32": False}
 
 
 def test_digest_cache_remembers_unchanged_files_only(tmp_path, monkeypatch) -> None:

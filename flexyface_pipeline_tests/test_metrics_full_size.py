@@ -14,6 +14,7 @@ import torch
 
 from flexyface_pipeline.lib.metrics import AestheticV1Scorer, AestheticV2Scorer, ClipScorer, HpsV2Scorer
 from flexyface_pipeline.lib.models.common import DigestCache, free_memory, resolve_runtime
+from flexyface_pipeline.lib.models.scorer_builders import scorer_builder
 from flexyface_pipeline_tests.test_metrics import BF16_TOLERANCE
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ def test_full_size_clip_l14_scorers(tmp_path) -> None:
     digests = DigestCache(tmp_path / "model_digests.json")  # as a run keeps them: each file hashed once
     try:
         for cls in (ClipScorer, AestheticV1Scorer, AestheticV2Scorer):
-            cls.build_random_full(tmp_path / cls.metric)
+            scorer_builder(cls.metric).build_random_full(tmp_path / cls.metric)
             assert (tmp_path / cls.metric / "model.safetensors").stat().st_size > 1e9
             scorer = cls.load(str(tmp_path / cls.metric), CPU, offline=True, digests=digests)
             vision = scorer.model.config.vision_config if cls is ClipScorer else scorer.model.config
@@ -85,7 +86,7 @@ def test_full_size_clip_l14_scorers(tmp_path) -> None:
 
 
 def test_full_size_hps_vit_h14(tmp_path) -> None:
-    HpsV2Scorer.build_random_full(tmp_path / "hps")
+    scorer_builder(HpsV2Scorer.metric).build_random_full(tmp_path / "hps")
     info = json.loads((tmp_path / "hps" / "hps_model.json").read_text())
     assert info == {"architecture": "ViT-H-14", "checkpoint": "HPS_v2.1_compressed.pt"}
     checkpoint = torch.load(tmp_path / "hps" / "HPS_v2.1_compressed.pt", map_location="cpu", mmap=True)

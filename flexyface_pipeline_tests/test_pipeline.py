@@ -16,7 +16,7 @@ from flexyface_pipeline.lib.config import METRICS
 from flexyface_pipeline.lib.export import EXPORT_COLUMNS
 from flexyface_pipeline.lib.generation import generate_sweep, read_png_record
 from flexyface_pipeline.lib.store import SweepStore
-from flexyface_pipeline_tests.helpers import file_hashes, run_sweep, tiny_defs, tiny_resources
+from flexyface_pipeline_tests.helpers import project_env, file_hashes, run_sweep, tiny_defs, tiny_resources
 
 ASSET_KEYS = {
     "sweep_parameters",
@@ -58,11 +58,47 @@ def test_whole_graph_materializes_and_exports(data_dir, tiny_models_dir, dagster
         incomplete = materialization.metadata["incomplete_sweeps"].value
         assert list(incomplete) == ["My sweep"] and incomplete["My sweep"].startswith("invalid sweep name")
         assert materialization.metadata["dagster/row_count"].value == 8
+        # Every contact sheet as an inline figure on the asset's page (defs/figures.py): one column
+        # schema entry per sheet, the sheet a data URL in its description.
         [grid] = result.asset_materializations_for_node("image_grid")
-        preview = grid.metadata["preview"].value
-        assert preview.startswith("![") and "](data:image/png;base64," in preview and "<img" not in preview
+        sheets_md = grid.metadata["contact_sheets"].value
+        assert sheets_md.count("](data:image/png;base64,") == grid.metadata["sheets"].value == 4
+        figures = grid.metadata["dagster/column_schema"].schema.columns
+        assert [f.name for f in figures] == sorted(f"e2e/{p.stem}" for p in (data_dir / "exports" / "grids" / "e2e").glob("*.png"))
+        assert all(f.type == "png" and f.description.startswith("![") and "](data:image/png;base64," in f.description
+                   and "<img" not in f.description for f in figures)
+        # The export's columns with their types and meaning, and a preview of its rows.
+        schema = materialization.metadata["dagster/column_schema"].schema
+        assert [c.name for c in schema.columns] == EXPORT_COLUMNS
+        types = {c.name: c.type for c in schema.columns}
+        assert (types["steps"], types["clip_score"], types["prompt"]) == ("int", "float", "string")
+        assert all(c.description for c in schema.columns)
+        preview = materialization.metadata["preview"].value
+        assert len(preview.records) == 8 and preview.records[0].data["sweep"] == "e2e"
+        assert isinstance(preview.records[0].data["hps_v2_score"], float)
+        # The analysis: every plot as an inline figure, and per metric its recommendation or refusal.
+        [analysed] = export.asset_materializations_for_node("sweep_analysis")
+        plots = [c.name for c in analysed.metadata["dagster/column_schema"].schema.columns]
+        assert plots[0] == "overview" and {"hps_v2_score_heatmap", "correlations", "time_tradeoff"} <= set(plots)
+        for metric in METRICS:
+            text = analysed.metadata[f"recommended.{metric}"].value
+            assert len(text) < 1000 and "Fewest steps: none — insufficient data" in text, text
         mats = instance.fetch_materializations(dg.AssetKey("hps_v2_scores"), limit=10).records
         assert [m.partition_key for m in mats] == ["e2e"]
+        # Progress of the generation while it ran: the first batch, the last, and at most one
+        # every 5 s between them, with the latest image inline.
+        seen = instance.fetch_observations(dg.AssetKey("generated_images"), limit=50).records
+        observed = sorted((r.asset_observation for r in seen), key=lambda o: o.metadata["done"].value)
+        assert {o.partition for o in observed} == {"e2e"} and 2 <= len(observed) < 8
+        done = [o.metadata["done"].value for o in observed]
+        assert 1 <= done[0] <= 3 and done[-1] == 8 and len(set(done)) == len(done)
+        assert {o.metadata["total"].value for o in observed} == {8}
+        assert observed[-1].metadata["progress"].value.startswith("generated 8/8 images (100 %), ")
+        assert observed[-1].metadata["eta"].value == "0 s"
+        latest = observed[-1].metadata["latest_image"].value
+        assert latest.startswith(str(data_dir / "images" / "e2e")) and latest.endswith(".png")
+        assert observed[-1].metadata["preview"].value.startswith("![")
+        assert "](data:image/png;base64," in observed[-1].metadata["preview"].value
         checks = {e.check_name: e.passed for e in export.get_asset_check_evaluations()}
         assert checks["export_clip_score"] and checks["export_images_exist"] and checks["export_hps_v2_score"]
         run_checks = [(e.asset_key.to_user_string(), e.check_name, e.passed) for e in result.get_asset_check_evaluations()]
@@ -105,12 +141,8 @@ def test_rescoring_one_metric_touches_only_its_table(data_dir, tiny_models_dir, 
     before = file_hashes(data_dir / "images") | file_hashes(data_dir / "sweeps")
     hps = data_dir / "sweeps" / "r1" / "hps_v2_scores.parquet"
     hps.unlink()  # proves the table is written again by the re-score
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXYFACE_", "DAGSTER_"))}
-    env |= {"DAGSTER_HOME": str(dagster_home), "FLEXYFACE_DATA_DIR": str(data_dir), "FLEXYFACE_MODEL_PROFILE": "tiny",
-            "FLEXYFACE_MODELS_DIR": str(tiny_models_dir),
-            "FLEXYFACE_DEVICE": "cpu", "FLEXYFACE_DTYPE": "auto"}
-    env |= {f"FLEXYFACE_{name}_MODEL": "unused-in-tiny/profile" for name in ("REALVIS_XL", "CLIP", "AESTHETIC_V1",
-                                                                              "AESTHETIC_V2", "HPS_V2")}
+    # Every setting of .env.example, with this test's instance, data and tiny models.
+    env = project_env(dagster_home, data_dir, tiny_models_dir)
     cmd = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "flexyface_pipeline.definitions",
            "--select", "hps_v2_scores", "--partition", "r1"]
     # cwd: not the repository, whose .env (written by make) would override these variables
@@ -119,7 +151,8 @@ def test_rescoring_one_metric_touches_only_its_table(data_dir, tiny_models_dir, 
     after = file_hashes(data_dir / "images") | file_hashes(data_dir / "sweeps")
     assert set(before) == set(after)
     changed = {k for k in before if before[k] != after[k]}
-    assert changed <= {"r1/hps_v2_scores.parquet"}  # same weights: even the HPS table may be byte-identical
+    # Same weights: even the HPS table may be byte-identical; the manifest records its checksum anew.
+    assert changed <= {"r1/hps_v2_scores.parquet", "r1/manifest.json"}
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         runs = instance.get_runs(limit=1)
         assert runs[0].asset_selection == {dg.AssetKey("hps_v2_scores")}

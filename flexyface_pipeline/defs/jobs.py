@@ -20,3 +20,11 @@ export_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(sweep_results).downstream(),
     description="Merge all sweeps into data/exports/ and refresh what is computed from the export.",
 )
+
+# One sweep's contact sheets, redrawn after its images or a score table change outside sweep_job
+# (a re-score from the Assets page or the CLI); requested by the refresh sensors (schedules.py).
+grid_job = dg.define_asset_job(
+    "image_grid_job",
+    selection=dg.AssetSelection.assets(image_grid),
+    description="Redraw one sweep's contact sheets.",
+)

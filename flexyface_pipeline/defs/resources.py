@@ -20,9 +20,12 @@ from flexyface_pipeline.lib.models.common import (
     free_memory,
     resolve_runtime,
 )
+from flexyface_pipeline.lib.metrics.base import check_scoring_dtype, scoring_runtime
 from flexyface_pipeline.lib.store import SweepStore
 
 logger = logging.getLogger(__name__)
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -42,13 +45,20 @@ class ModelResource(dg.ConfigurableResource):
     project under ``<data_dir>/models/tiny``) or ``random_full`` (full-size architectures with
     random weights, for benchmarks). Every profile loads through the same ``from_pretrained`` /
     checkpoint path.
+
+    ``dtype`` and ``tf32`` are the generation engine's precision. Scoring has its own,
+    ``scoring_dtype``: ``reference`` (each metric as its reference library computes it: CLIP and
+    the aesthetic predictors in float32, HPS under float16 autocast on CUDA as hpsv2 does, float32
+    on a CPU; TF32 off), ``bf16`` (bfloat16 autocast, TF32 on: the fast option), ``fp32`` or
+    ``fp16``. Scoring sets torch's TF32 flags for its duration and restores them after.
     """
 
     storage: StorageResource
     profile: str = "real"
     device: str = "auto"
     dtype: str = "auto"
-    tf32: bool = True
+    tf32: bool = True  # generation only; scoring follows scoring_dtype
+    scoring_dtype: str = "reference"
     offline: bool = False
     compile_unet: bool = False
     models_dir: str = ""  # where random-weight profiles are built; empty: <data_dir>/models
@@ -58,12 +68,27 @@ class ModelResource(dg.ConfigurableResource):
     generation_batch_size: int = 0
     scoring_batch_size: int = 0  # images per scoring batch; 0: sized to the device (16 on CPU)
     realvis_xl_model: str = "SG161222/RealVisXL_V5.0"
+    flux1_schnell_model: str = "black-forest-labs/FLUX.1-schnell"
+    sd35_model: str = "stabilityai/stable-diffusion-3.5-large"
+    hidream_model: str = "HiDream-ai/HiDream-I1-Full"
+    hidream_llama_model: str = "meta-llama/Llama-3.1-8B-Instruct"  # HiDream-I1's text_encoder_4
+    flux2_dev_model: str = "black-forest-labs/FLUX.2-dev"
+    # "true": on CUDA, each model of an engine comes onto the GPU only for its own forward pass
+    # (diffusers' enable_model_cpu_offload): less GPU memory, slower. No effect on a CPU. Text (an
+    # EnvVar): true/false, 1/0, yes/no.
+    cpu_offload: str = "false"
     clip_model: str = "openai/clip-vit-large-patch14"
     aesthetic_v1_model: str = "shunk031/aesthetics-predictor-v1-vit-large-patch14"
     aesthetic_v2_model: str = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
     hps_v2_model: str = "xswu/HPSv2"
+    # A Ray cluster for generation and scoring (lib/distributed.py): "auto", "ray://host:10001" or
+    # "host:6379"; empty: models run in this process and Ray is never imported.
+    ray_address: str = ""
+    ray_gpus_per_scorer: str = "1"  # GPU share of one scorer worker (0.25: four per GPU); text: an EnvVar
+    ray_actors: int = 0  # workers per stage at most; 0: one per GPU (one per CPU without GPUs)
 
     _runtime: Runtime | None = PrivateAttr(default=None)
+    _backend: Any = PrivateAttr(default=None)
     _slot_key: str | None = PrivateAttr(default=None)
     _slot: Any = PrivateAttr(default=None)
 
@@ -80,9 +105,25 @@ class ModelResource(dg.ConfigurableResource):
             raise ValueError(f"profile: expected one of {list(PROFILES)}, got {self.profile!r}")
         if self.generation_batch_size < 0 or self.scoring_batch_size < 0:
             raise ValueError("generation_batch_size and scoring_batch_size must be >= 0 (0: automatic)")
-        self._runtime = resolve_runtime(self.device, self.dtype, self.tf32)
+        check_scoring_dtype(self.scoring_dtype, "FLEXYFACE_SCORING_DTYPE (scoring_dtype)")
+        self.offload  # noqa: B018 (checks the setting)
+        if self.ray_address:
+            # The models run on the cluster's workers: this process needs no GPU, only the cluster.
+            self.gpus_per_scorer  # noqa: B018 (checks the setting)
+            if self.ray_actors < 0:
+                raise ValueError(f"FLEXYFACE_RAY_ACTORS: expected 0 (one per GPU or CPU) or more, got {self.ray_actors}")
+            resolve_runtime("cpu", self.dtype)  # the device and dtype settings are valid words
+            if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+                raise ValueError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
+            self._runtime = resolve_runtime("cpu", "fp32")
+        else:
+            self._runtime = resolve_runtime(self.device, self.dtype, self.tf32)
         if self.profile == "real":
             self.check_locations()
+        if self.ray_address:
+            from flexyface_pipeline.lib.distributed import connect
+
+            connect(self.ray_address)  # one line naming FLEXYFACE_RAY_ADDRESS when Ray or the cluster is missing
 
     def check_locations(self) -> None:
         """Every configured model location is a hub id or an existing path (MissingWeightsError
@@ -92,6 +133,9 @@ class ModelResource(dg.ConfigurableResource):
 
         for key, cls in {**ENGINES, **SCORERS}.items():
             check_location(getattr(cls, "title", key), self.configured_location(key), cls.setting)
+        from flexyface_pipeline.lib.engines.hidream import LLAMA_SETTING
+
+        check_location("hidream Llama text encoder", self.hidream_llama_model, LLAMA_SETTING)
 
     @property
     def runtime(self) -> Runtime:
@@ -99,6 +143,14 @@ class ModelResource(dg.ConfigurableResource):
             self.validate()
         assert self._runtime is not None
         return self._runtime
+
+    @property
+    def offload(self) -> bool:
+        """``cpu_offload`` as a boolean."""
+        value = str(self.cpu_offload).strip().lower()
+        if value not in _BOOLEANS:
+            raise ValueError(f"FLEXYFACE_CPU_OFFLOAD (cpu_offload): expected true or false, got {self.cpu_offload!r}")
+        return _BOOLEANS[value]
 
     @property
     def generation_batch(self) -> int | None:
@@ -117,6 +169,11 @@ class ModelResource(dg.ConfigurableResource):
     def configured_location(self, key: str) -> str:
         return {
             "realvis_xl": self.realvis_xl_model,
+            "flux1_schnell": self.flux1_schnell_model,
+            "sd35": self.sd35_model,
+            "hidream": self.hidream_model,
+            "hidream_llama": self.hidream_llama_model,
+            "flux2_dev": self.flux2_dev_model,
             "clip_score": self.clip_model,
             "aesthetic_score": self.aesthetic_v1_model,
             "aes_v2_score": self.aesthetic_v2_model,
@@ -177,8 +234,12 @@ class ModelResource(dg.ConfigurableResource):
 
         def load():
             location = self.location(name, cls)
+            # Second weight locations (HiDream's Llama): configured ones for real weights; the
+            # random-weight profiles build the whole pipeline in one directory.
+            extra = {arg: self.configured_location(key) for arg, key in getattr(cls, "extra_locations", {}).items()
+                     if self.profile == "real"}
             return cls.load(location, self.runtime, offline=self.is_offline, compile=self.compile_unet,
-                            digests=self.digests)
+                            digests=self.digests, cpu_offload=self.offload, **extra)
 
         return self._take(f"engine:{name}", load)
 
@@ -196,20 +257,85 @@ class ModelResource(dg.ConfigurableResource):
             location = str(target)
         return get_engine(name).identify_weights(location, digests=self.digests)
 
+    def scoring_runtime(self, metric: str) -> Runtime:
+        """Where and in which precision ``metric`` scores: the device of ``runtime``, the
+        precision of ``scoring_dtype``."""
+        from flexyface_pipeline.lib.metrics import get_scorer
+
+        return scoring_runtime(get_scorer(metric), self.runtime.device, self.scoring_dtype)
+
     def scorer(self, metric: str):
         """The scorer for ``metric``, loaded (any other model is released first)."""
         from flexyface_pipeline.lib.metrics import get_scorer
+        from flexyface_pipeline.lib.models.scorer_builders import scorer_builder
 
         cls = get_scorer(metric)
 
         def load():
-            location = self.location(metric, cls)
-            return cls.load(location, self.runtime, offline=self.is_offline, digests=self.digests)
+            location = self.location(metric, scorer_builder(metric))
+            return cls.load(location, self.scoring_runtime(metric), offline=self.is_offline, digests=self.digests)
 
         return self._take(f"scorer:{metric}", load)
 
+    # -- a Ray cluster ------------------------------------------------------------------------
+    def distributed(self):
+        """The ``distributed.RayBackend`` that runs this step's models on the cluster at
+        ``ray_address``, or None without one (models run in this process). ``release`` kills its
+        workers."""
+        if not self.ray_address:
+            return None
+        if self._backend is None:
+            from flexyface_pipeline.lib.distributed import RayBackend, WorkerSettings
+
+            settings = WorkerSettings(loader=worker_models, fields=self.worker_fields())
+            self._backend = RayBackend(self.ray_address, settings, device=self.device,
+                                       gpus_per_scorer=self.gpus_per_scorer, max_actors=self.ray_actors)
+        return self._backend
+
+    def distributed_metadata(self) -> dict[str, dg.MetadataValue]:
+        """Metadata on what this step's Ray workers did, per worker (node, GPUs, images, images/s,
+        busy and idle seconds, model load), and the batches that dying workers left to others.
+        Call once, after ``release``, at the end of the step; empty without Ray."""
+        if self._backend is None:
+            return {}
+        stages = self._backend.history
+        workers = [{"stage": st["stage"], **w} for st in stages for w in st["workers"]]
+        retried = [f"{st['stage']}: {b}" for st in stages for b in st["retried"]]
+        self._backend.history.clear()  # reported once, by the step that ran them
+        return {
+            "ray_workers": dg.MetadataValue.json(workers),
+            "ray_images_per_second": dg.MetadataValue.float(float(round(sum(w["images_per_second"] for w in workers), 4))),
+            "ray_retried_batches": dg.MetadataValue.json(retried),
+        }
+
+    @property
+    def gpus_per_scorer(self) -> float:
+        """``ray_gpus_per_scorer`` as a number in (0, 1]."""
+        try:
+            share = float(self.ray_gpus_per_scorer or "1")
+        except ValueError:
+            share = float("nan")
+        if not 0 < share <= 1:
+            raise ValueError("FLEXYFACE_RAY_GPUS_PER_SCORER: expected a GPU share in (0, 1] such as 1 or 0.25, "
+                             f"got {self.ray_gpus_per_scorer!r}")
+        return share
+
+    def worker_fields(self) -> dict[str, Any]:
+        """This resource's settings as plain values for a Ray worker's own loader
+        (``worker_models``): every model setting, the data directory, no cluster address. A
+        worker sees its GPU as ``cuda``."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields
+                  if name != "storage" and not name.startswith("ray_")}
+        if fields["device"].startswith("cuda:"):
+            fields["device"] = "cuda"
+        fields["data_dir"] = self.storage.data_dir
+        return fields
+
     def release(self) -> None:
-        """Drop the loaded model and return its memory (CUDA cache included)."""
+        """Drop the loaded model and return its memory (CUDA cache included); with a Ray
+        cluster, end the step's workers."""
+        if self._backend is not None:
+            self._backend.release()
         if self._slot is not None:
             close = getattr(self._slot, "close", None)
             if callable(close):
@@ -222,3 +348,12 @@ class ModelResource(dg.ConfigurableResource):
     @property
     def loaded(self) -> str | None:
         return self._slot_key
+
+
+def worker_models(fields: dict[str, Any]) -> ModelResource:
+    """The model loader of a Ray worker, from ``ModelResource.worker_fields``."""
+    fields = dict(fields)
+    storage = StorageResource(data_dir=fields.pop("data_dir"))
+    models = ModelResource(storage=storage, **fields)
+    models.validate()
+    return models

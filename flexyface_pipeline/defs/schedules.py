@@ -1,57 +1,93 @@
-"""Scheduled sweeps, and the sensor that refreshes the export after score tables change."""
+"""Scheduled sweeps, and the sensors that refresh the export, the analysis and the contact sheets
+after images or score tables change."""
 
 import datetime as dt
+import os
+from collections.abc import Mapping
 
 import dagster as dg
 
+from flexyface_pipeline.defs.assets.analysis import image_grid
 from flexyface_pipeline.defs.assets.scores import score_assets
-from flexyface_pipeline.defs.jobs import export_job, sweep_job
-from flexyface_pipeline.defs.partitions import sweeps_partitions
+from flexyface_pipeline.defs.assets.sweep import SweepConfig, generated_images, resolve_spec
+from flexyface_pipeline.defs.jobs import export_job, grid_job
+from flexyface_pipeline.defs.resources import StorageResource
+from flexyface_pipeline.defs.start import SCHEDULED_TAG, start_run_config, start_sweep_job
+from flexyface_pipeline.lib.config import SweepConfigError
 
 # Schedules run on UTC, and a dated sweep is named after the UTC date of its tick.
 SCHEDULE_TIMEZONE = "UTC"
 
-# The sweep a scheduled run samples (the `sweep_parameters` config); the seed of each dated sweep
-# differs because its name does.
-NIGHTLY_SWEEP = {
-    "num_images": 200,
-    "steps_min": 8,
-    "steps_max": 48,
-    "guidance_min": 1.0,
-    "guidance_max": 8.0,
-    "width": 512,
-    "height": 512,
-    "prompt_files": ["portraits.txt"],
-    "prompts": [],
-    "base_seed": 0,
-    "engine": "realvis_xl",
+# What a scheduled sweep samples: environment variables read when the schedule is evaluated (the
+# code location reads .env), so changing them needs no code change and no reload. With the tiny
+# model profile (the demo's) the defaults are the demo's small, fast sweep; otherwise a real one.
+NIGHTLY_ENV = {
+    "num_images": "FLEXYFACE_NIGHTLY_IMAGES",
+    "width": "FLEXYFACE_NIGHTLY_WIDTH",
+    "height": "FLEXYFACE_NIGHTLY_HEIGHT",
+    "prompt_files": "FLEXYFACE_NIGHTLY_PROMPT_FILE",
+    "engine": "FLEXYFACE_NIGHTLY_ENGINE",
 }
+NIGHTLY_DEFAULTS = {"num_images": 200, "width": 512, "height": 512, "prompt_files": ["portraits.txt"],
+                    "engine": "realvis_xl"}
+NIGHTLY_TINY_DEFAULTS = {"num_images": 96, "width": 64, "height": 64, "prompt_files": ["demo.txt"],
+                         "engine": "realvis_xl", "steps_min": 4, "steps_max": 10}
 
 
-def build_sweep_schedule(name: str, cron: str, sweep_config: dict, prefix: str) -> dg.ScheduleDefinition:
-    """A schedule that adds a dated sweep partition (``<prefix>-YYYY-MM-DD``) and launches it.
+class NightlySettingError(ValueError):
+    """An environment variable of the nightly sweep holds a bad value."""
 
-    ``cron`` is read in UTC, and the date in the sweep's name is the UTC date of the tick.
+
+def nightly_settings(environ: Mapping[str, str]) -> dict:
+    """The ``sweep_parameters`` settings of a scheduled sweep, from ``FLEXYFACE_NIGHTLY_*`` in ``environ``."""
+    tiny = environ.get("FLEXYFACE_MODEL_PROFILE", "").strip() == "tiny"
+    settings = dict(NIGHTLY_TINY_DEFAULTS if tiny else NIGHTLY_DEFAULTS)
+    for field, variable in NIGHTLY_ENV.items():
+        raw = environ.get(variable, "").strip()
+        if not raw:
+            continue
+        if field in ("num_images", "width", "height"):
+            try:
+                settings[field] = int(raw)
+            except ValueError:
+                raise NightlySettingError(f"{variable}={raw!r} is not a whole number") from None
+        elif field == "prompt_files":
+            settings[field] = [name.strip() for name in raw.split(",") if name.strip()]
+        else:
+            settings[field] = raw
+    return settings
+
+
+def build_sweep_schedule(name: str, cron: str, prefix: str) -> dg.ScheduleDefinition:
+    """A schedule that starts a dated sweep (``<prefix>-YYYY-MM-DD``) through ``start_sweep``.
+
+    ``cron`` is read in UTC, and the date in the sweep's name is the UTC date of the tick. The
+    evaluation only validates and requests a ``start_sweep`` run: a tick that is previewed in the
+    UI ("Preview tick result") or skipped creates nothing; the partition is added when the start
+    run executes, and ``launch_started_sweep`` then launches the sweep. A bad ``FLEXYFACE_NIGHTLY_*``
+    setting skips the tick with one line naming it.
 
     Off until a user turns it on (UI: Automation → schedule → toggle, or
-    ``dagster schedule start <name>``). The run goes through the run queue, so it waits for the
-    ``gpu`` pool like any other run.
+    ``dagster schedule start <name>``). The runs go through the run queue, so the sweep waits for
+    the ``gpu`` pool like any other run.
     """
 
-    @dg.schedule(name=name, cron_schedule=cron, job=sweep_job, execution_timezone=SCHEDULE_TIMEZONE,
+    @dg.schedule(name=name, cron_schedule=cron, job=start_sweep_job, execution_timezone=SCHEDULE_TIMEZONE,
                  default_status=dg.DefaultScheduleStatus.STOPPED,
-                 description=f"Adds and runs a dated sweep ({sweep_config['num_images']} images) on {cron!r} "
-                 f"({SCHEDULE_TIMEZONE}).")
-    def _schedule(context: dg.ScheduleEvaluationContext):
+                 description=f"Starts a dated sweep {prefix}-YYYY-MM-DD on {cron!r} ({SCHEDULE_TIMEZONE}) with the "
+                 "FLEXYFACE_NIGHTLY_IMAGES, _WIDTH, _HEIGHT, _PROMPT_FILE and _ENGINE settings (defaults: 200 "
+                 "images, 512x512, portraits.txt, realvis_xl; with the tiny profile the demo's 96 images at 64x64).")
+    def _schedule(context: dg.ScheduleEvaluationContext, storage: StorageResource):
         sweep = f"{prefix}-{_utc(context.scheduled_execution_time):%Y-%m-%d}"
-        if not context.instance.has_dynamic_partition(sweeps_partitions.name, sweep):
-            context.instance.add_dynamic_partitions(sweeps_partitions.name, [sweep])
-            context.log.info("added sweep partition %s", sweep)
+        try:
+            settings = nightly_settings(os.environ)
+            resolve_spec(SweepConfig(**settings), sweep, storage.store())
+        except (NightlySettingError, SweepConfigError) as err:
+            return dg.SkipReason(f"nightly sweep {sweep} not started: {err} (FLEXYFACE_NIGHTLY_* settings)")
         return dg.RunRequest(
             run_key=sweep,
-            partition_key=sweep,
-            run_config={"ops": {"sweep_parameters": {"config": dict(sweep_config)}}},
-            tags={"flexyface/scheduled": "true"},
+            run_config=start_run_config(sweep, settings),
+            tags={SCHEDULED_TAG: "true"},
         )
 
     return _schedule
@@ -66,52 +102,81 @@ def _utc(when: dt.datetime | None) -> dt.datetime:
     return when.astimezone(dt.timezone.utc)
 
 
-nightly_sweep_schedule = build_sweep_schedule("nightly_sweep", "0 2 * * *", NIGHTLY_SWEEP, prefix="nightly")
+nightly_sweep_schedule = build_sweep_schedule("nightly_sweep", "0 2 * * *", prefix="nightly")
 
 
 SCORE_ASSET_KEYS = frozenset(asset.key for asset in score_assets)
+# What the contact sheets show: the images and every score.
+GRID_INPUT_KEYS = SCORE_ASSET_KEYS | {generated_images.key}
 
 
-def _export_request(context: dg.RunStatusSensorContext) -> dg.RunRequest | None:
-    """An export run for a run that materialized a score table; None for any other run.
+def _refresh_requests(context: dg.RunStatusSensorContext) -> list[dg.RunRequest] | None:
+    """For a run that materialized a score table: an export run (the export and the analysis). For
+    a run that changed a sweep's images or scores without redrawing its contact sheets afterwards:
+    an ``image_grid_job`` run per such sweep. None for any other run.
 
     None, not a SkipReason: a run status sensor ends its tick at the first run for which it
     returns something, so skipping with None lets one tick look past any number of such runs."""
     run = context.dagster_run
-    if run.job_name == export_job.name:
-        context.log.debug("run %s is an export run", run.run_id)
+    if run.job_name in (export_job.name, grid_job.name):
+        context.log.debug("run %s is a refresh run", run.run_id)
         return None
     records = context.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
-    keys = {r.dagster_event.asset_key for r in records if r.dagster_event is not None} & SCORE_ASSET_KEYS
-    if not keys:
-        context.log.debug("run %s (%s) materialized no score table", run.run_id, run.job_name)
+    last_change: dict[str, int] = {}  # sweep -> index of the last images/score materialization
+    last_grid: dict[str, int] = {}
+    scored: set[dg.AssetKey] = set()
+    for index, record in enumerate(records):
+        event = record.dagster_event
+        if event is None or event.asset_key is None:
+            continue
+        partition = event.partition
+        if event.asset_key in SCORE_ASSET_KEYS:
+            scored.add(event.asset_key)
+        if event.asset_key in GRID_INPUT_KEYS and partition:
+            last_change[partition] = index
+        elif event.asset_key == image_grid.key and partition:
+            last_grid[partition] = index
+    requests = []
+    if scored:
+        names = ", ".join(sorted(key.to_user_string() for key in scored))
+        context.log.info("run %s (%s, %s) materialized %s: refreshing the export", run.run_id, run.job_name,
+                         run.status.value.lower(), names)
+        requests.append(dg.RunRequest(run_key=f"export-after-{run.run_id}", job_name=export_job.name))
+    for sweep in sorted(last_change):
+        if last_grid.get(sweep, -1) > last_change[sweep]:
+            continue  # the run redrew the sheets after the change
+        context.log.info("run %s changed sweep %s: redrawing its contact sheets", run.run_id, sweep)
+        requests.append(dg.RunRequest(run_key=f"grid-after-{run.run_id}-{sweep}", job_name=grid_job.name,
+                                      partition_key=sweep))
+    if not requests:
+        context.log.debug("run %s (%s) changed no score table or image", run.run_id, run.job_name)
         return None
-    scored = ", ".join(sorted(key.to_user_string() for key in keys))
-    context.log.info("run %s (%s, %s) materialized %s: refreshing the export", run.run_id, run.job_name,
-                     run.status.value.lower(), scored)
-    return dg.RunRequest(run_key=f"export-after-{run.run_id}")
+    return requests
 
 
 @dg.run_status_sensor(
     run_status=dg.DagsterRunStatus.SUCCESS,
     # No monitored_jobs: every job of this code location, including the implicit asset job behind
     # materializations from the Assets page and backfills. The function picks the runs that count.
-    request_job=export_job,
+    request_jobs=[export_job, grid_job],
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Merges all sweeps into data/exports/ (and refreshes the analysis) after a successful run of "
-    "this code location that materialized a score table (clip_scores, aesthetic_scores, aes_v2_scores, "
-    "hps_v2_scores): sweep_job, the Assets page, backfills.",
+    minimum_interval_seconds=10,
+    description="After a successful run of this code location that materialized a score table (clip_scores, "
+    "aesthetic_scores, aes_v2_scores, hps_v2_scores): merges all sweeps into data/exports/ and refreshes the "
+    "analysis (export_job). After one that changed a sweep's images or scores without redrawing its contact "
+    "sheets (a re-score from the Assets page): redraws them (image_grid_job).",
 )
 def export_after_sweep(context: dg.RunStatusSensorContext):
-    return _export_request(context)
+    return _refresh_requests(context)
 
 
 @dg.run_status_sensor(
     run_status=dg.DagsterRunStatus.FAILURE,
-    request_job=export_job,
+    request_jobs=[export_job, grid_job],
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="As export_after_sweep, for a failed run that materialized a score table before or beside "
-    "the step that failed (the tables it wrote are complete and newer than the export).",
+    minimum_interval_seconds=10,
+    description="As export_after_sweep, for a failed run that materialized a score table or images before or "
+    "beside the step that failed (the tables it wrote are complete and newer than the export).",
 )
 def export_after_failed_run(context: dg.RunStatusSensorContext):
-    return _export_request(context)
+    return _refresh_requests(context)

@@ -27,20 +27,30 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from flexyface_pipeline.lib.atomic import atomic_write_bytes
-from flexyface_pipeline.lib.export import SCORE_TABLES
+from flexyface_pipeline.lib.export import SCORE_TABLES, score_columns
 from flexyface_pipeline.lib.metrics.base import ImageEmbedder, Scorer
 from flexyface_pipeline.lib.metrics.images import default_workers, embed_paths, file_digest, score_paths
 from flexyface_pipeline.lib.store import SweepStore
+
+if TYPE_CHECKING:  # Ray is imported only when a cluster is used
+    from flexyface_pipeline.lib.distributed import RayBackend
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 EMBEDDINGS_DIR = "embeddings"
+# Each score row records the SHA-256 of the image bytes it scored and the version of this scoring
+# code; with the same weights (revision), device and precision such a row is kept by the next run
+# instead of being computed again. Raise SCORING_VERSION whenever a metric's computation changes.
+IMAGE_DIGEST = "image_sha256"
+SCORING_VERSION_COLUMN = "scoring_version"
+SCORING_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,7 @@ def sweep_embeddings(
     batch_size: int | None = None,
     workers: int | None = None,
     log: logging.Logger | None = None,
+    embed: Callable[..., tuple[np.ndarray, list[str]]] = embed_paths,
 ) -> np.ndarray:
     """Embeddings of ``paths`` (one row per image, in order): rows whose image id and file bytes
     match the cache are reused, the others computed; the cache is rewritten when anything was."""
@@ -146,8 +157,8 @@ def sweep_embeddings(
                 rows[k] = cached.embeddings[hit]
     todo = [k for k in range(n) if rows[k] is None]
     if todo:
-        computed, computed_digests = embed_paths(embedder, [paths[k] for k in todo], batch_size=batch_size,
-                                                 workers=workers, log=log)
+        computed, computed_digests = embed(embedder, [paths[k] for k in todo], batch_size=batch_size,
+                                           workers=workers, log=log)
         for j, k in enumerate(todo):
             rows[k], digests[k] = computed[j], computed_digests[j]
     embeddings = np.stack(rows).astype(np.float32, copy=False) if n else np.empty((0, 0), np.float32)
@@ -167,12 +178,22 @@ def score_sweep(
     workers: int | None = None,
     share_embeddings: bool = True,
     log: logging.Logger | None = None,
+    backend: RayBackend | None = None,
+    rescore_all: bool = False,
 ) -> pd.DataFrame:
-    """Score every image of ``sweep`` with ``metric``; columns: image_id, metric, provenance.
+    """Score every image of ``sweep`` with ``metric``; columns: image_id, metric, provenance
+    (``export.score_columns``: model, revision, device, compute dtype, TF32, and for CLIP score
+    whether the prompt was truncated to 77 tokens).
 
-    Missing images fail before the model is loaded. ``batch_size`` None or 0 sizes batches to
+    Missing images fail before the model is loaded. Each batch logs a progress line. ``batch_size`` None or 0 sizes batches to
     the device. With ``share_embeddings``, CLIP ViT-L/14 scorers reuse and store the sweep's
-    image embeddings (see the module docstring).
+    image embeddings (see the module docstring). With ``backend`` (a ``distributed.RayBackend``)
+    the model runs on its Ray workers: this process reads the files and sends their bytes, and
+    keeps the embedding cache and the table.
+
+    Rows of the sweep's existing table are kept when they are still right (``reusable_scores``:
+    same image bytes, weights, device, precision and scoring code); only the other images are
+    scored. ``rescore_all`` scores every image again.
     """
     log = log or logger
     if metric not in SCORE_TABLES:
@@ -186,20 +207,67 @@ def score_sweep(
         raise FileNotFoundError(
             f"sweep {sweep!r}: {len(missing)} image(s) missing, e.g. {missing[0]}; materialize generated_images first"
         )
-    scorer = scorer_factory()
+    scorer = scorer_factory() if backend is None else backend.scorer(metric)
+    embed, score = (embed_paths, score_paths) if backend is None else (backend.embed_paths, backend.score_paths)
     if scorer.metric != metric:
         raise ValueError(f"scorer_factory returned a {scorer.metric} scorer for {metric}")
-    prompts = [str(p) for p in rows["prompt"]]
-    t0 = time.perf_counter()
-    if share_embeddings and isinstance(scorer, ImageEmbedder):
-        embeddings = sweep_embeddings(scorer, embedding_cache(store, sweep, scorer), list(rows["image_id"]), paths,
-                                      batch_size=batch_size or None, workers=workers, log=log)
-        scores = scorer.score_from_embeddings(embeddings, prompts)
-    else:
-        scores = score_paths(scorer, paths, prompts, batch_size=batch_size or None, workers=workers, log=log)
-    log.info("%s: scored %d images of %s in %.2f s", metric, len(paths), sweep, time.perf_counter() - t0)
     prefix = SCORE_TABLES[metric][1]
-    table = pd.DataFrame({"image_id": rows["image_id"], metric: np.asarray(scores, dtype=np.float64)})
-    for column, value in scorer.identity.as_columns(prefix).items():
+    provenance = scorer.identity.as_columns(prefix) | scorer.runtime.columns(prefix)
+    image_ids = [str(i) for i in rows["image_id"]]
+    digests = file_digests(paths, workers)
+    kept = {} if rescore_all else reusable_scores(store, sweep, metric, provenance, dict(zip(image_ids, digests)))
+    todo = [k for k, image_id in enumerate(image_ids) if image_id not in kept]
+    if kept:
+        log.info("%s: %d of %d images of %s keep their scores (same image bytes, weights and precision); "
+                 "scoring %d", metric, len(kept), len(image_ids), sweep, len(todo))
+    prompts = [str(p) for p in rows["prompt"]]
+    values = np.array([kept.get(i, np.nan) for i in image_ids], dtype=np.float64)
+    t0 = time.perf_counter()
+    if todo:
+        todo_paths, todo_prompts = [paths[k] for k in todo], [prompts[k] for k in todo]
+        if share_embeddings and isinstance(scorer, ImageEmbedder):
+            # Every image's embedding (cached ones are read, not computed), so the cache keeps them all.
+            embeddings = sweep_embeddings(scorer, embedding_cache(store, sweep, scorer), image_ids, paths,
+                                          batch_size=batch_size or None, workers=workers, log=log, embed=embed)
+            scores = scorer.score_from_embeddings(embeddings[todo], todo_prompts)
+        else:
+            scores = score(scorer, todo_paths, todo_prompts, batch_size=batch_size or None, workers=workers, log=log)
+        values[todo] = np.asarray(scores, dtype=np.float64)
+    log.info("%s: scored %d images of %s in %.2f s", metric, len(todo), sweep, time.perf_counter() - t0)
+    table = pd.DataFrame({"image_id": rows["image_id"], metric: values})
+    for column, value in provenance.items():
         table[column] = value
-    return table
+    for column, flags in scorer.row_columns(prompts).items():
+        table[column] = np.asarray(flags, dtype=bool)
+        if column.endswith("_prompt_truncated") and table[column].any():
+            log.info("%s: %d of %d images had prompts longer than 77 CLIP tokens (truncated to BOS + 75 + EOS)",
+                     metric, int(table[column].sum()), len(table))
+    table[IMAGE_DIGEST] = digests
+    table[SCORING_VERSION_COLUMN] = SCORING_VERSION
+    return table[["image_id", *score_columns(metric), IMAGE_DIGEST, SCORING_VERSION_COLUMN]]
+
+
+def reusable_scores(store: SweepStore, sweep: str, metric: str, provenance: dict,
+                    digests: dict[str, str]) -> dict[str, float]:
+    """Scores of the sweep's existing table that are still right: for images whose bytes are the
+    ones scored (``image_sha256``), computed by the same weights (their revision: the content,
+    wherever the files lie), on the same device, precision and TF32 setting, by this version of
+    the scoring code. A missing, unreadable or older table reuses nothing."""
+    table_name, prefix = SCORE_TABLES[metric]
+    if not store.has_table(table_name, sweep):
+        return {}
+    try:
+        previous = store.read_table(table_name, sweep)
+    except OSError:  # damaged: scored anew
+        return {}
+    same = [c for c in provenance if c != f"{prefix}_model"]  # the location may change, the content not
+    needed = {"image_id", metric, IMAGE_DIGEST, SCORING_VERSION_COLUMN, *same}
+    if not needed <= set(previous.columns):
+        return {}
+    ok = previous[SCORING_VERSION_COLUMN].eq(SCORING_VERSION)
+    for column in same:
+        ok &= previous[column].astype(str).eq(str(provenance[column]))
+    ok &= previous["image_id"].astype(str).map(digests).eq(previous[IMAGE_DIGEST])
+    ok &= np.isfinite(pd.to_numeric(previous[metric], errors="coerce"))
+    kept = previous[ok]
+    return dict(zip(kept["image_id"].astype(str), kept[metric].astype(float)))

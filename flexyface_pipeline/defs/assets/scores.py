@@ -3,6 +3,7 @@
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
 from flexyface_pipeline.lib.checks import check_scores
 from flexyface_pipeline.lib.export import SCORE_TABLES
@@ -17,6 +18,15 @@ DESCRIPTIONS = {
     "aes_v2_score": "Aesthetics predictor v2, sac+logos+ava1 linear MSE head (simple-aesthetics-predictor).",
     "hps_v2_score": "Human Preference Score v2.1 (hpsv2's ViT-H-14 with the v2.1 checkpoint).",
 }
+
+
+class ScoreConfig(dg.Config):
+    """Which images to score."""
+
+    rescore_all: bool = Field(
+        default=False,
+        description="Score every image again. By default an image keeps its score when its bytes, the metric's "
+        "weights, device, precision and the scoring code are those it was scored with.")
 
 
 def build_score_asset(metric: str) -> dg.AssetsDefinition:
@@ -34,13 +44,15 @@ def build_score_asset(metric: str) -> dg.AssetsDefinition:
         check_specs=[dg.AssetCheckSpec("scores_valid", asset=table_name,
                                         description="No missing/non-finite score, values in range, one row per image.")],
     )
-    def _score_asset(context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource) -> dg.MaterializeResult:
+    def _score_asset(context: dg.AssetExecutionContext, config: ScoreConfig, storage: StorageResource,
+                     models: ModelResource) -> dg.MaterializeResult:
         store = storage.store()
         tables, outcomes = [], []
         try:
             for sweep in context.partition_keys:
                 table = score_sweep(metric, sweep, store, lambda: models.scorer(metric),
-                                    batch_size=models.scoring_batch_size, log=context.log)
+                                    batch_size=models.scoring_batch_size, log=context.log,
+                                    backend=models.distributed(), rescore_all=config.rescore_all)
                 store.write_table(table_name, sweep, table)
                 tables.append(table)
                 outcomes.append(check_scores(table, metric, len(store.read_table("parameters", sweep))))
@@ -64,6 +76,10 @@ def build_score_asset(metric: str) -> dg.AssetsDefinition:
                 f"max_{metric}": dg.MetadataValue.float(float(values.max())),
                 "model": dg.MetadataValue.text(str(tables[0][f"{prefix}_model"].iloc[0])),
                 "model_revision": dg.MetadataValue.text(str(tables[0][f"{prefix}_model_revision"].iloc[0])),
+                "precision": dg.MetadataValue.text(
+                    f"{tables[0][f'{prefix}_device'].iloc[0]}, {tables[0][f'{prefix}_dtype'].iloc[0]}, "
+                    f"TF32 {'on' if bool(tables[0][f'{prefix}_tf32'].iloc[0]) else 'off'}"),
+                **models.distributed_metadata(),
             }
         )
 

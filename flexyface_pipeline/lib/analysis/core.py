@@ -490,6 +490,13 @@ def _refusal(
 # Entry point
 
 
+def truncated_prompt_count(df: pd.DataFrame) -> int:
+    """Rows whose prompt CLIP score truncated to 77 tokens (``clip_prompt_truncated``; 0 without it)."""
+    if "clip_prompt_truncated" not in df.columns:
+        return 0
+    return int(df["clip_prompt_truncated"].astype("boolean").fillna(False).sum())
+
+
 def analyze(
     df: pd.DataFrame,
     *,
@@ -548,6 +555,9 @@ def analyze(
     times = data["elapsed_ms"].to_numpy(dtype=float) if has_time else None
     if not has_time:
         notes.append("no elapsed_ms values: the quality/time trade-off is left out")
+    truncated = truncated_prompt_count(data)
+    if truncated:
+        notes.append(f"{truncated} images had prompts longer than 77 CLIP tokens (truncated to BOS + 75 + EOS)")
 
     n_rows = len(data)
     s_bins = make_bins(

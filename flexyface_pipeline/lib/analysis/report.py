@@ -14,6 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from flexyface_pipeline.lib.analysis.categorical import categorical_records, categorical_tables
+from flexyface_pipeline.lib.analysis.engines import (
+    EngineComparison,
+    comparison_dict,
+    comparison_html,
+    plot_comparison,
+)
 from flexyface_pipeline.lib.analysis.core import (
     Analysis,
     GuidanceRecommendation,
@@ -169,6 +176,8 @@ def recommendations_dict(analysis: Analysis, df: pd.DataFrame | None = None) -> 
         | ({"pareto_settings": analysis.pareto_reason} if analysis.pareto_reason else {}),
         "notes": list(analysis.notes),
     }
+    if df is not None:  # engine / scheduler / size: effect per value with intervals
+        out["categorical_effects"] = categorical_records(df, analysis.metrics, n_resamples=s.bootstrap, seed=s.seed)
     return out
 
 
@@ -374,7 +383,20 @@ def _provenance(df: pd.DataFrame) -> str:
     return f"<h2>Provenance</h2><table><tbody>{''.join(rows)}</tbody></table>"
 
 
-def render_html(analysis: Analysis, df: pd.DataFrame, plots: list[Plot]) -> str:
+def _engines_html(engines: EngineComparison | None, per_engine: dict[str, Analysis], plot: Plot | None) -> str:
+    """The cross-engine section (its plot: the caller's ``engines`` plot, else drawn here), and
+    each engine's own recommendations."""
+    if engines is None:
+        return ""
+    parts = [comparison_html(engines, _data_uri(plot.png if plot is not None else plot_comparison(engines)))]
+    for engine, own in per_engine.items():
+        parts += [f"<h3>Recommendations for {_esc(engine)} alone ({own.n_images} images)</h3>",
+                  _recommendation_rows(own)]
+    return "\n".join(parts)
+
+
+def render_html(analysis: Analysis, df: pd.DataFrame, plots: list[Plot], *,
+                engines: EngineComparison | None = None, per_engine: dict[str, Analysis] | None = None) -> str:
     by_key = {p.key: p for p in plots}
     sweeps = ", ".join(sorted(map(str, df["sweep"].dropna().unique()))) if "sweep" in df else ""
     steps = df["steps"].dropna()
@@ -419,17 +441,36 @@ def render_html(analysis: Analysis, df: pd.DataFrame, plots: list[Plot]) -> str:
         frame = analysis.correlations[key].copy()
         frame.index.name = title
         parts.append(_html_table(frame, index=True))
+    categorical = categorical_tables(df, analysis.metrics, n_resamples=analysis.settings.bootstrap,
+                                     seed=analysis.settings.seed)
+    if categorical:
+        parts.append("<h2>Categorical axes</h2><p>Per engine, scheduler or size: mean score and mean within-prompt "
+                     "z-score with its bootstrap 95 % interval.</p>")
+        parts += [_html_table(table) for table in categorical]
+    parts.append(_engines_html(engines, per_engine or {}, by_key.get("engines")))
     parts.append(_provenance(df))
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write_report(analysis: Analysis, df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``sweep_report.html`` (plots embedded) and ``recommendations.json`` atomically."""
+def write_report(
+    analysis: Analysis, df: pd.DataFrame, out_dir: Path, *, plots: list[Plot] | None = None,
+    engines: EngineComparison | None = None, per_engine: dict[str, Analysis] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``sweep_report.html`` (plots embedded) and ``recommendations.json`` atomically.
+
+    ``plots``: the figures of :func:`render_plots` when the caller already has them. With several
+    engines, ``engines`` (``compare_engines``) and ``per_engine`` (``analyze`` of each engine's
+    rows) add the cross-engine section and each engine's own recommendations."""
     out_dir = Path(out_dir)
-    plots = render_plots(analysis)
-    html_path = atomic_write_bytes(out_dir / REPORT_NAME, render_html(analysis, df, plots).encode("utf-8"))
-    payload = json.dumps(recommendations_dict(analysis, df), indent=2, allow_nan=False, ensure_ascii=False)
+    plots = render_plots(analysis) if plots is None else plots
+    html = render_html(analysis, df, plots, engines=engines, per_engine=per_engine)
+    html_path = atomic_write_bytes(out_dir / REPORT_NAME, html.encode("utf-8"))
+    recommendations = recommendations_dict(analysis, df)
+    if engines is not None:
+        recommendations["engines_compared"] = comparison_dict(engines)
+        recommendations["per_engine"] = {e: recommendations_dict(a) for e, a in (per_engine or {}).items()}
+    payload = json.dumps(recommendations, indent=2, allow_nan=False, ensure_ascii=False)
     json_path = atomic_write_bytes(out_dir / RECOMMENDATIONS_NAME, payload.encode("utf-8"))
     logger.info("wrote %s and %s", html_path, json_path)
     return html_path, json_path

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from functools import cached_property
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, ClassVar
 
@@ -120,7 +119,7 @@ class _AestheticScorer(Scorer, ImageEmbedder):
 
     def embed_prepared(self, pixels: torch.Tensor) -> torch.Tensor:
         self._check_open()
-        with torch.inference_mode():
+        with self._inference():
             return self._embed(self._to_device(pixels)).to("cpu")
 
     def _head(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -138,7 +137,7 @@ class _AestheticScorer(Scorer, ImageEmbedder):
             raise ValueError(f"{self.title}: got {embeddings.shape[0]} embeddings but {len(prompts)} prompts")
         if not embeddings.shape[0]:
             return np.empty(0, dtype=np.float64)
-        with torch.inference_mode():
+        with self._inference():
             return self._head(embeddings.to(self.runtime.device)).to("cpu", torch.float64).numpy()
 
     def _score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -146,18 +145,6 @@ class _AestheticScorer(Scorer, ImageEmbedder):
 
     def _release(self) -> None:
         del self.model, self.image_processor
-
-    @classmethod
-    def build_tiny(cls, directory: Path) -> None:
-        from flexyface_pipeline.lib.models.scorer_builders import build_tiny_aesthetic
-
-        build_tiny_aesthetic(directory, cls.predictor_class)
-
-    @classmethod
-    def build_random_full(cls, directory: Path) -> None:
-        from flexyface_pipeline.lib.models.scorer_builders import build_random_full_aesthetic
-
-        build_random_full_aesthetic(directory, cls.predictor_class)
 
 
 class AestheticV1Scorer(_AestheticScorer):

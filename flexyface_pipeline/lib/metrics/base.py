@@ -12,11 +12,13 @@ threads ahead of the model (see ``images.py``):
 ``float16`` runtime the towers run under ``torch.autocast`` and everything after them (the
 normalisation, cosine similarities and the small aesthetic heads) runs in float32; scores then
 differ from float32 by at most 2e-2 (CLIP score, HPS) and 5e-2 (aesthetic scores), as the tests
-check (BENCHMARKS.md has the measured differences). Each distinct prompt is encoded once per
+check (BENCHMARKS.md has the measured differences). The scoring precision is a setting of its
+own (``scoring_runtime``): by default each metric computes as its reference library does, and
+scoring sets torch's TF32 flags to its runtime's ``tf32`` while it runs (``tf32_mode``). Each distinct prompt is encoded once per
 loaded scorer (``prompt_features``).
 
 The same classes load real weights (a hub id or a local directory) and the tiny / full-size
-random-weight models that ``build_tiny`` and ``build_random_full`` write, through the same path.
+random-weight models that ``lib/models/scorer_builders.py`` writes, through the same path.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import hashlib
 import itertools
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -46,6 +48,7 @@ from flexyface_pipeline.lib.models.common import (
     identify,
     is_local,
     missing_weights,
+    tf32_mode,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,30 @@ T = TypeVar("T")
 
 MAX_CACHED_PROMPTS = 10_000  # prompt features kept per loaded scorer (a few KB each)
 PROMPT_BATCH = 256  # prompts per text-tower forward pass
+
+
+# The scoring precision setting (FLEXYFACE_SCORING_DTYPE): "reference" computes each metric as its
+# reference library does (``Scorer.reference_cuda_dtype`` on CUDA, float32 on a CPU, TF32 off);
+# "bf16" is bfloat16 autocast with TF32 allowed (the fast option); "fp32" and "fp16" are explicit.
+SCORING_DTYPES = ("reference", "bf16", "fp32", "fp16")
+_SCORING_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def check_scoring_dtype(value: str, setting: str = "scoring_dtype") -> str:
+    """``value`` if it is a scoring precision, else a one-line ValueError naming ``setting``."""
+    if value not in SCORING_DTYPES:
+        raise ValueError(f"{setting}: expected one of {', '.join(SCORING_DTYPES)}, got {value!r}")
+    return value
+
+
+def scoring_runtime(scorer: type[Scorer], device: torch.device, scoring_dtype: str = "reference") -> Runtime:
+    """The runtime ``scorer`` scores on at the precision ``scoring_dtype`` (``SCORING_DTYPES``)."""
+    check_scoring_dtype(scoring_dtype)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if scoring_dtype == "reference":
+        return Runtime(device, scorer.reference_cuda_dtype if cuda else torch.float32, tf32=False)
+    return Runtime(device, _SCORING_TORCH_DTYPES[scoring_dtype], tf32=cuda and scoring_dtype == "bf16")
 
 
 def check_prompts(prompts: Sequence[str]) -> None:
@@ -153,6 +180,8 @@ class Scorer(abc.ABC):
     # Rough peak activation memory of one image in a reduced-precision forward pass; sizes
     # batches to the free memory of a CUDA device (``images.device_batch_size``).
     activation_bytes_per_image: ClassVar[int] = 64 << 20
+    # The compute dtype of the metric's reference implementation on CUDA (scoring_dtype "reference").
+    reference_cuda_dtype: ClassVar[torch.dtype] = torch.float32
 
     def __init__(self, identity: ModelIdentity, runtime: Runtime) -> None:
         self.identity = identity
@@ -194,7 +223,7 @@ class Scorer(abc.ABC):
         self._check_open()
         if not len(prompts):
             return np.empty(0, dtype=np.float64)
-        with torch.inference_mode():
+        with self._inference():
             values = self._score_pixels(self._to_device(pixels), list(prompts))
         return values.detach().to("cpu", torch.float64).numpy()
 
@@ -218,7 +247,7 @@ class Scorer(abc.ABC):
         missing = [p for p in distinct if p not in features]
         if missing:
             check_prompts(missing)
-            with torch.inference_mode():
+            with self._inference():
                 for start in range(0, len(missing), PROMPT_BATCH):
                     chunk = missing[start:start + PROMPT_BATCH]
                     features.update(zip(chunk, self._encode_prompts(chunk)))
@@ -235,6 +264,12 @@ class Scorer(abc.ABC):
         raise NotImplementedError(f"{self.title} does not use the prompt")
 
     # -- runtime helpers -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Inference mode, with torch's TF32 flags set to the runtime's for the duration."""
+        with torch.inference_mode(), tf32_mode(self.runtime):
+            yield
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Reduced-precision autocast for the model towers when the runtime asks for it."""
         if self.runtime.dtype == torch.float32:
@@ -248,9 +283,13 @@ class Scorer(abc.ABC):
         if self._closed:
             raise RuntimeError(f"{self.title} scorer was closed")
 
-    def columns(self) -> dict[str, str]:
-        """Provenance columns for rows this scorer produced."""
-        return self.identity.as_columns(self.column_prefix)
+    def row_columns(self, prompts: Sequence[str]) -> dict[str, list]:
+        """Per-row provenance columns for images scored against ``prompts`` (none by default)."""
+        return {}
+
+    def columns(self) -> dict[str, str | bool]:
+        """Provenance columns for rows this scorer produced: model, revision, device, dtype, TF32."""
+        return self.identity.as_columns(self.column_prefix) | self.runtime.columns(self.column_prefix)
 
     def close(self) -> None:
         """Release the model and hand its memory back."""
@@ -270,16 +309,6 @@ class Scorer(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @classmethod
-    @abc.abstractmethod
-    def build_tiny(cls, directory: Path) -> None:
-        """Write a tiny random-weight model of the same classes, loadable with ``load``."""
-
-    @classmethod
-    @abc.abstractmethod
-    def build_random_full(cls, directory: Path) -> None:
-        """Write the published full-size architecture with random weights, in the real file format."""
 
 
 class ImageEmbedder(abc.ABC):
@@ -336,6 +365,7 @@ def as_embeddings(embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 __all__ = [
+    "SCORING_DTYPES",
     "ImageEmbedder",
     "MissingWeightsError",
     "Scorer",
@@ -343,9 +373,11 @@ __all__ = [
     "check_inputs",
     "check_pixels",
     "check_prompts",
+    "check_scoring_dtype",
     "dtype_name",
     "hf_call",
     "hf_identity",
     "prompt_index",
+    "scoring_runtime",
     "tensors_digest",
 ]

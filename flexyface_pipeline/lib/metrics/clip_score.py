@@ -3,6 +3,11 @@
 Same quantity as torchmetrics' ``CLIPScore`` divided by 100 (so it lies in [0, 1]), computed
 with transformers' ``CLIPModel`` and ``CLIPProcessor`` (``openai/clip-vit-large-patch14`` by
 default). The model is loaded once; each distinct prompt is encoded once per loaded scorer.
+
+A prompt longer than CLIP's 77-token context is truncated as OpenAI CLIP, open_clip and
+diffusers do: BOS, its first 75 tokens, EOS (the text embedding is taken at that EOS). Score
+tables flag such rows (``clip_prompt_truncated``). torchmetrics' ``CLIPScore`` differs there: it
+keeps the first 77 tokens without EOS, so every long prompt is pooled at its BOS token.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ import json
 import logging
 from collections.abc import Sequence
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -71,12 +75,13 @@ def vision_config_settings(model: torch.nn.Module) -> dict:
     return settings
 
 
-def tf32_settings(device: torch.device) -> dict | None:
+def tf32_settings(runtime: Runtime) -> dict | None:
     """Whether float32 matrix products and convolutions may run in TF32 (CUDA only): the image
-    tower's float32 parts then give other numbers."""
-    if device.type != "cuda":
+    tower's float32 parts then give other numbers. Scoring sets torch's flags to ``runtime.tf32``
+    while it runs (``Scorer._inference``)."""
+    if not runtime.is_cuda:
         return None
-    return {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+    return {"matmul": bool(runtime.tf32), "cudnn": bool(runtime.tf32)}
 
 
 def vision_tower_digest(model: torch.nn.Module, image_processor: CLIPImageProcessor, runtime: Runtime,
@@ -91,7 +96,7 @@ def vision_tower_digest(model: torch.nn.Module, image_processor: CLIPImageProces
         "image_processor": type(image_processor).__name__,
         "vision_config": vision_config_settings(model),
         "compute_dtype": dtype_name(runtime.dtype),
-        "tf32": tf32_settings(runtime.device),
+        "tf32": tf32_settings(runtime),
     }
 
     def compute() -> str:
@@ -162,21 +167,38 @@ class ClipScorer(Scorer, ImageEmbedder):
 
     def embed_prepared(self, pixels: torch.Tensor) -> torch.Tensor:
         self._check_open()
-        with torch.inference_mode():
+        with self._inference():
             return self._embed(self._to_device(pixels)).to("cpu")
 
+    def prompt_token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens of each prompt with BOS and EOS, before truncation."""
+        check_prompts(prompts)
+        distinct = list(dict.fromkeys(prompts))
+        ids = self.processor.tokenizer(distinct, truncation=False, verbose=False)["input_ids"]
+        count = {p: len(i) for p, i in zip(distinct, ids)}
+        return [count[p] for p in prompts]
+
+    def prompts_truncated(self, prompts: Sequence[str]) -> list[bool]:
+        """Whether each prompt is longer than CLIP's context (77 tokens with BOS and EOS), so that
+        it is scored as BOS + its first 75 tokens + EOS."""
+        return [n > self._max_length for n in self.prompt_token_counts(prompts)]
+
+    def row_columns(self, prompts: Sequence[str]) -> dict[str, list]:
+        return {f"{self.column_prefix}_prompt_truncated": self.prompts_truncated(prompts)}
+
     def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        # Truncation keeps BOS + the first 75 tokens + EOS (the tokenizer adds the special tokens
+        # after truncating to max_length - 2).
         tokens = self.processor.tokenizer(prompts, padding=True, truncation=True,
                                           max_length=self._max_length, return_tensors="pt")
-        if tokens["input_ids"].shape[1] >= self._max_length:
-            logger.debug("some prompts reached CLIP's %d-token limit and were truncated", self._max_length)
         tokens = {k: v.to(self.runtime.device) for k, v in tokens.items()}
         with self._autocast():
             features = self.model.get_text_features(**tokens).pooler_output
         return F.normalize(features.float(), dim=-1)
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised projected prompt embeddings (prompts longer than 77 tokens are truncated)."""
+        """L2-normalised projected prompt embeddings (a prompt longer than 77 tokens is encoded
+        as BOS + its first 75 tokens + EOS)."""
         check_prompts(prompts)
         return self.prompt_features(prompts)
 
@@ -198,21 +220,9 @@ class ClipScorer(Scorer, ImageEmbedder):
         check_prompts(prompts)
         if not len(prompts):
             return np.empty(0, dtype=np.float64)
-        with torch.inference_mode():
+        with self._inference():
             values = self._from_embeddings(embeddings.to(self.runtime.device), list(prompts))
         return values.to("cpu", torch.float64).numpy()
 
     def _release(self) -> None:
         del self.model, self.processor
-
-    @classmethod
-    def build_tiny(cls, directory: Path) -> None:
-        from flexyface_pipeline.lib.models.scorer_builders import build_tiny_clip
-
-        build_tiny_clip(directory)
-
-    @classmethod
-    def build_random_full(cls, directory: Path) -> None:
-        from flexyface_pipeline.lib.models.scorer_builders import build_random_full_clip
-
-        build_random_full_clip(directory)

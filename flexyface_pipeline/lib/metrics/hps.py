@@ -114,6 +114,8 @@ class HpsV2Scorer(Scorer):
     title: ClassVar[str] = "HPS v2.1"
     checkpoint_file: ClassVar[str] = HPS_CHECKPOINT
     activation_bytes_per_image: ClassVar[int] = 48 << 20
+    # hpsv2 scores under torch.cuda.amp.autocast() on CUDA: float16 towers.
+    reference_cuda_dtype: ClassVar[torch.dtype] = torch.float16
 
     def __init__(self, model: torch.nn.Module, preprocess: Callable[[PIL.Image.Image], torch.Tensor],
                  tokenizer: Callable[[list[str]], torch.Tensor], architecture: str, identity: ModelIdentity,
@@ -193,15 +195,3 @@ class HpsV2Scorer(Scorer):
 
     def _release(self) -> None:
         del self.model, self.preprocess, self.tokenizer
-
-    @classmethod
-    def build_tiny(cls, directory: Path) -> None:
-        from flexyface_pipeline.lib.models.scorer_builders import build_tiny_hps
-
-        build_tiny_hps(directory)
-
-    @classmethod
-    def build_random_full(cls, directory: Path) -> None:
-        from flexyface_pipeline.lib.models.scorer_builders import build_random_full_hps
-
-        build_random_full_hps(directory)

@@ -7,7 +7,8 @@ each, so preprocessing does not oversubscribe the cores the model uses.
 
 Batches default to a size that fits the device (``device_batch_size``). On a CUDA
 out-of-memory error the batch is halved and retried (and stays halved); the scores do not
-depend on the batch size beyond floating-point noise.
+depend on the batch size beyond floating-point noise. Each finished batch logs a progress line,
+e.g. ``clip_score: scored 64/200 images (32 %), 12.5 images/s, ETA 11 s``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from flexyface_pipeline.lib.metrics.base import ImageEmbedder, Scorer, check_prompts
 from flexyface_pipeline.lib.models import common
 from flexyface_pipeline.lib.models.common import Runtime
+from flexyface_pipeline.lib.progress import ProgressClock
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +132,17 @@ def run_batches(
     label: str,
     log: logging.Logger,
     device: torch.device | None = None,
+    verb: str = "scored",
 ) -> list[str]:
     """Prepare ``paths`` in worker threads and call ``step(pixels, start)`` for consecutive
     batches (``pixels`` holds images ``start .. start + len(pixels)``). Returns the SHA-256 of
     each file's bytes, in order. A CUDA out-of-memory error in ``step`` halves the batch size
-    (and hands ``device``'s cached memory back before the retry)."""
+    (and hands ``device``'s cached memory back before the retry). After each batch, logs
+    ``<label>: <verb> done/total images (%), images/s, ETA``."""
     digests: list[str] = []
     if not paths:
         return digests
+    clock = ProgressClock(len(paths))
     items = _prepared(paths, prepare, workers, ahead=max(2 * batch_size, 2 * workers))
     size = batch_size
     start = 0
@@ -160,6 +165,7 @@ def run_batches(
             done = len(batch)
             buffer = buffer[done:]
             start += done
+            log.info("%s: %s", label, clock.advance(done).line(verb))
     finally:
         items.close()
     return digests
@@ -218,7 +224,7 @@ def embed_paths(
 
     digests = run_batches(paths, embedder.prepare, step, batch_size=batch_size,
                           workers=workers or default_workers(), label=getattr(embedder, "metric", "embedding"),
-                          log=log, device=embedder.runtime.device)  # type: ignore[attr-defined]
+                          log=log, device=embedder.runtime.device, verb="embedded")  # type: ignore[attr-defined]
     if not parts:
         return np.empty((0, 0), dtype=np.float32), digests
     return np.concatenate(parts).astype(np.float32, copy=False), digests

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +33,38 @@ class MissingWeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and in which precision models run."""
+    """Where and in which precision models run. ``tf32``: whether float32 matrix products and
+    convolutions may use TF32 (CUDA only; always False on a CPU)."""
 
     device: torch.device
     dtype: torch.dtype
+    tf32: bool = False
 
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def columns(self, prefix: str) -> dict[str, str | bool]:
+        """Provenance columns of rows computed on this runtime: ``<prefix>_device``,
+        ``<prefix>_dtype`` (the compute dtype: float32, bfloat16, float16) and ``<prefix>_tf32``."""
+        return {f"{prefix}_device": str(self.device), f"{prefix}_dtype": str(self.dtype).removeprefix("torch."),
+                f"{prefix}_tf32": bool(self.tf32 and self.is_cuda)}
+
+
+@contextlib.contextmanager
+def tf32_mode(runtime: Runtime) -> Iterator[None]:
+    """Allow TF32 for float32 matrix products and convolutions exactly as ``runtime.tf32`` says
+    (CUDA only), restoring torch's process-wide flags on exit."""
+    if not runtime.is_cuda:
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = runtime.tf32
+    torch.backends.cudnn.allow_tf32 = runtime.tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -68,7 +93,7 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto", tf32: bool = True
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-    return Runtime(device=dev, dtype=dt)
+    return Runtime(device=dev, dtype=dt, tf32=bool(tf32 and dev.type == "cuda"))
 
 
 def device_batch_size(runtime: Runtime, bytes_per_image: int, *, cpu: int, most: int) -> int:
@@ -248,6 +273,15 @@ class ModelIdentity:
 
     def as_columns(self, prefix: str) -> dict[str, str]:
         return {f"{prefix}_model": self.model_id, f"{prefix}_model_revision": self.revision}
+
+    def same_weights(self, model_id: str, revision: str) -> bool:
+        """Whether a record of (``model_id``, ``revision``) names these weights. The revision is
+        their content (a hub commit or the SHA-256 of the weight files), so the same weights at
+        another path, or the clone moved, are the same model; only without a known revision does
+        the location decide."""
+        if self.revision != "unknown" and revision != "unknown":
+            return revision == self.revision
+        return (model_id, revision) == (self.model_id, self.revision)
 
 
 def identify(location: str, resolved_path: str | None = None, digests: DigestCache | None = None) -> ModelIdentity:

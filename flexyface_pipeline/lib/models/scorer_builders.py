@@ -11,6 +11,8 @@ predictors carry OpenAI's ViT-L/14 image tower: their ``vision_digest`` is equal
 pipeline can compute the image embedding once for all three.
 
 Each model directory is written next to its target and renamed into place when complete.
+``SCORER_BUILDERS`` maps each metric to its two builders. This module depends on the metric
+modules (their constants and loaders), never the other way round.
 """
 
 from __future__ import annotations
@@ -21,16 +23,20 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from flexyface_pipeline.lib.atomic import atomic_path, atomic_write_bytes
+from flexyface_pipeline.lib.metrics.aesthetic import AestheticV1Scorer, AestheticV2Scorer, import_aesthetics_predictor
+from flexyface_pipeline.lib.metrics.clip_score import ClipScorer
 from flexyface_pipeline.lib.metrics.hps import (
     HPS_ARCHITECTURE,
     HPS_CHECKPOINT,
     MODEL_INFO,
+    HpsV2Scorer,
     hpsv2_open_clip,
     register_architecture,
 )
@@ -202,8 +208,6 @@ def build_aesthetic(directory: Path, predictor_class: str, spec: dict, preproces
     """An aesthetics_predictor model with random weights, written as the hub repositories are."""
     from transformers import CLIPProcessor, CLIPTokenizer
 
-    from flexyface_pipeline.lib.metrics.aesthetic import import_aesthetics_predictor
-
     predictor = getattr(import_aesthetics_predictor(), predictor_class)
     with model_directory(directory) as tmp:
         torch.manual_seed(seed + 2)
@@ -264,3 +268,42 @@ def build_tiny_hps(directory: Path) -> Path:
 def build_random_full_hps(directory: Path) -> Path:
     """hpsv2's shipped ``ViT-H-14`` architecture, fp16 tensors as in ``HPS_v2.1_compressed.pt``."""
     return build_hps(directory, HPS_ARCHITECTURE, None, half=True)
+
+
+@dataclass(frozen=True)
+class ScorerBuilder:
+    """The two random-weight builders of one metric: ``build_tiny(directory)`` and
+    ``build_random_full(directory)`` (the interface ``ModelResource`` builds profiles with)."""
+
+    metric: str
+    tiny: Callable[[Path], Path]
+    random_full: Callable[[Path], Path]
+
+    def build_tiny(self, directory: Path) -> Path:
+        """Write the tiny random-weight model of this metric, loadable with its scorer's ``load``."""
+        return self.tiny(Path(directory))
+
+    def build_random_full(self, directory: Path) -> Path:
+        """Write the published full-size architecture with random weights, in the real file format."""
+        return self.random_full(Path(directory))
+
+
+def _aesthetic_builder(metric: str, predictor_class: str) -> ScorerBuilder:
+    return ScorerBuilder(metric, lambda d: build_tiny_aesthetic(d, predictor_class),
+                         lambda d: build_random_full_aesthetic(d, predictor_class))
+
+
+SCORER_BUILDERS: dict[str, ScorerBuilder] = {
+    ClipScorer.metric: ScorerBuilder(ClipScorer.metric, build_tiny_clip, build_random_full_clip),
+    AestheticV1Scorer.metric: _aesthetic_builder(AestheticV1Scorer.metric, AestheticV1Scorer.predictor_class),
+    AestheticV2Scorer.metric: _aesthetic_builder(AestheticV2Scorer.metric, AestheticV2Scorer.predictor_class),
+    HpsV2Scorer.metric: ScorerBuilder(HpsV2Scorer.metric, build_tiny_hps, build_random_full_hps),
+}
+
+
+def scorer_builder(metric: str) -> ScorerBuilder:
+    """The random-weight builders of ``metric`` (an export column name)."""
+    try:
+        return SCORER_BUILDERS[metric]
+    except KeyError:
+        raise ValueError(f"unknown metric {metric!r}; known metrics: {', '.join(SCORER_BUILDERS)}") from None
