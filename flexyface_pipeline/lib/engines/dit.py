@@ -34,6 +34,7 @@ import PIL.Image
 import torch
 
 from flexyface_pipeline.lib.engines.base import Engine, ImageRequest
+from flexyface_pipeline.lib.engines.guidance import GuidanceScales, uses_cfg
 from flexyface_pipeline.lib.models.common import (
     DigestCache,
     MissingWeightsError,
@@ -51,28 +52,6 @@ logger = logging.getLogger(__name__)
 ENCODE_BATCH = 8  # prompts per text-encoder call
 PARKED = torch.device("cpu")  # where models wait while another stage has the device
 NEGATIVE_PROMPT = ""  # what diffusers' CFG pipelines use as the unconditional prompt
-
-
-def uses_cfg(guidance: float | None) -> bool:
-    """Whether diffusers' SD3 / HiDream pipelines apply classifier-free guidance at this scale."""
-    return guidance is not None and guidance > 1.0
-
-
-class GuidanceScales:
-    """One guidance scale per image standing in for the pipeline's float ``guidance_scale`` in
-    ``uncond + guidance_scale * (text - uncond)``. A Python float is applied in float32 (the op-math
-    type of float16/bfloat16) and rounded to the prediction's dtype; so is this (B,) float32 tensor,
-    broadcast over the prediction's other dimensions: each image's guided prediction is the one a
-    single-image call computes."""
-
-    def __init__(self, scales: torch.Tensor) -> None:
-        self.scales = scales
-
-    def __mul__(self, other: torch.Tensor) -> torch.Tensor:
-        scales = self.scales.to(other.device).view(-1, *([1] * (other.dim() - 1)))
-        return (scales * other.float()).to(other.dtype)
-
-    __rmul__ = __mul__
 
 
 class PinnedDeviceMixin:

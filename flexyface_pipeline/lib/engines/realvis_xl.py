@@ -6,8 +6,8 @@ prompt, seed and guidance scale:
 * one ``torch.Generator`` per image, seeded from its row, so an image does not depend on the batch
   it ran in (up to the last bits of batched arithmetic);
 * per-image classifier-free guidance: diffusers combines the two noise predictions with a single
-  float; ``_GuidanceScales`` makes that combination use one scale per image with the same float32
-  arithmetic and rounding, so each image is what diffusers makes for it alone;
+  float; ``GuidanceScales`` (``guidance.py``) makes that combination use one scale per image with
+  the same float32 arithmetic and rounding, so each image is what diffusers makes for it alone;
 * diffusers runs a scale <= 1 without classifier-free guidance (a single, text-conditioned UNet
   pass), so such images never share a batch with guided ones (``batch_key``).
 
@@ -28,6 +28,7 @@ import PIL.Image
 import torch
 
 from flexyface_pipeline.lib.engines.base import Engine, ImageRequest
+from flexyface_pipeline.lib.engines.guidance import GuidanceScales, uses_cfg
 from flexyface_pipeline.lib.models.common import (
     DigestCache,
     MissingWeightsError,
@@ -43,36 +44,13 @@ from flexyface_pipeline.lib.models.common import (
 logger = logging.getLogger(__name__)
 
 
-def uses_cfg(guidance: float) -> bool:
-    """Whether diffusers' SDXL pipeline applies classifier-free guidance at this scale."""
-    return guidance > 1.0
-
-
-class _GuidanceScales:
-    """One classifier-free guidance scale per image, standing in for the pipeline's float scale.
-
-    The pipeline computes ``uncond + guidance_scale * (text - uncond)``. For a Python float, PyTorch
-    multiplies in float32 (the op-math type of float16/bfloat16 too) and rounds the product to the
-    prediction's dtype. This object does the same with a (B, 1, 1, 1) float32 tensor of scales, so
-    each image's guided prediction is bit-for-bit the one a single-image call computes.
-    """
-
-    def __init__(self, scales: torch.Tensor) -> None:
-        self.scales = scales
-
-    def __mul__(self, other: torch.Tensor) -> torch.Tensor:
-        return (self.scales.to(other.device) * other.float()).to(other.dtype)
-
-    __rmul__ = __mul__
-
-
 @functools.cache
 def _pipeline_class() -> type:
     """``StableDiffusionXLPipeline`` that also takes a list of per-image guidance scales."""
     from diffusers import StableDiffusionXLPipeline
 
     class PerImageGuidanceSDXLPipeline(StableDiffusionXLPipeline):
-        _per_image_guidance: _GuidanceScales | None = None
+        _per_image_guidance: GuidanceScales | None = None
 
         @property
         def guidance_scale(self) -> Any:
@@ -100,7 +78,7 @@ def _pipeline_class() -> type:
             if kwargs.get("guidance_rescale", 0.0):
                 raise ValueError("per-image guidance scales do not support guidance_rescale")
             scale_tensor = torch.tensor(scales, dtype=torch.float32, device=self._execution_device)
-            self._per_image_guidance = _GuidanceScales(scale_tensor.view(-1, 1, 1, 1))
+            self._per_image_guidance = GuidanceScales(scale_tensor)
             try:
                 return super().__call__(*args, guidance_scale=max(scales), **kwargs)
             finally:
