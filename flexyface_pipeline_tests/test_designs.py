@@ -390,12 +390,13 @@ def test_report_has_categorical_section_and_handles_nan_guidance(tmp_path):
 
 
 @pytest.mark.slow
-def test_tuning_rounds_through_dagster_grow_the_sweep(data_dir, tiny_models_dir, dagster_home):
+def test_tuning_rounds_through_dagster_grow_the_sweep(data_dir, tiny_models_dir, dagster_home, monkeypatch):
     """Each sweep_job run of an adaptive sweep appends one round; earlier images are kept; the
-    study lives in optuna.db beside the instance's storage."""
+    study lives in optuna.db beside the instance's storage; the tune_rounds sensor asks for the
+    next round after each successful one, and for none once the budget is spent."""
     import dagster as dg
 
-    from flexyface_pipeline.defs.tuning import tuning_finished
+    from flexyface_pipeline.defs.tuning import TUNE_TAG, tune_rounds, tuning_finished
     from flexyface_pipeline.lib.store import SweepStore
     from flexyface_pipeline_tests.helpers import tiny_defs
 
@@ -406,16 +407,25 @@ def test_tuning_rounds_through_dagster_grow_the_sweep(data_dir, tiny_models_dir,
     with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
         instance.add_dynamic_partitions("sweeps", ["tuned"])
         job = defs.resolve_job_def("sweep_job")
-        seen = []
+        monkeypatch.setenv("FLEXYFACE_DATA_DIR", str(data_dir))  # what the sensor's code location reads
+        seen, requested = [], []
         for _ in range(3):
-            result = job.execute_in_process(instance=instance, partition_key="tuned",
+            result = job.execute_in_process(instance=instance, partition_key="tuned", tags={TUNE_TAG: "tuned"},
                                             run_config={"ops": {"sweep_parameters": {"config": config}}})
             assert result.success
+            context = dg.build_run_status_sensor_context(
+                sensor_name="tune_rounds", dagster_instance=instance, dagster_run=result.dagster_run,
+                dagster_event=result.get_run_success_event())
+            request = tune_rounds(context)
+            requested.append(None if request is None else (request.partition_key, request.tags.get(TUNE_TAG)))
             images = next(e for e in result.get_asset_materialization_events()
                           if e.asset_key.path == ["generated_images"]).materialization.metadata
             params = store.read_table("parameters", "tuned")
             seen.append((len(params), images["generated"].value, images["reused_verified"].value))
         assert seen == [(2, 2, 0), (4, 2, 2), (4, 0, 4)]  # round 1, round 2, then the budget is spent
+        # The sensor asks for a run after each round until every trial is told its scores (the run
+        # after the last round tells them and appends nothing), then stops.
+        assert requested == [("tuned", "tuned"), ("tuned", "tuned"), None]
         assert params["trial"].tolist() == [0, 0, 1, 1] and params["image_id"].is_unique
         assert tuning_finished(instance, store, "tuned")
         assert (dagster_home / "optuna.db").is_file()
