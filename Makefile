@@ -49,6 +49,9 @@ instance: $(STAMP) .env
 	  *) echo "FLEXYFACE_INSTANCE must be sqlite or postgres, not '$(FLEXYFACE_INSTANCE)'" >&2; exit 2 ;; \
 	esac
 	@echo "data/dagster/dagster.yaml -> $$(readlink data/dagster/dagster.yaml)"
+	@# Every FLEXYFACE_* setting and the instance's storage (a PostgreSQL server must answer), one line
+	@# per problem, before Dagster is asked to store anything.
+	$(VENV)/bin/flexyface check --no-pool-limit
 	$(VENV)/bin/dotenv -f .env run -- $(VENV)/bin/dagster instance concurrency set gpu 1
 
 setup: $(STAMP) .env instance
@@ -72,6 +75,7 @@ test-fast: setup
 	$(VENV)/bin/python -m pytest -ra -m "not slow"
 
 dev: setup
+	$(VENV)/bin/flexyface check
 	$(VENV)/bin/dagster dev
 
 # Removes the demo sweep ($(DEMO_SWEEP)) and nothing else: its tables, images and contact sheets,

@@ -42,21 +42,20 @@ def _instance() -> Iterator[Any]:
     read their state from it, and it is disposed of afterwards."""
     import dagster as dg
 
-    from flexyface_pipeline.defs.recovery import recover_dead_runs
+    import fcntl
 
-    if not os.environ.get("DAGSTER_HOME"):
-        raise CliError(
-            "DAGSTER_HOME is not set: run `make setup` (it writes .env) or export DAGSTER_HOME to a directory "
-            "holding dagster.yaml"
-        )
+    from flexyface_pipeline.defs.recovery import recover_dead_runs
+    from flexyface_pipeline.lib.settings import check_instance
+
+    check_instance(os.environ)  # dagster.yaml present, its PostgreSQL answering: before Dagster's own retries
     home = Path(os.environ["DAGSTER_HOME"])
-    if not (home / "dagster.yaml").is_file():
-        raise CliError(
-            f"DAGSTER_HOME={home} holds no dagster.yaml, so runs would go to a default instance without the "
-            "gpu pool limit and the sweep list: run `make setup`, or point DAGSTER_HOME at the project's "
-            "instance (data/dagster)"
-        )
-    with dg.DagsterInstance.get() as instance:
+    # Opening a new SQLite instance creates its databases and schema: two commands started at once
+    # would both do it (and leave two schema versions), so instances are opened one at a time.
+    with open(home / ".open.lock", "a") as opening:
+        fcntl.flock(opening, fcntl.LOCK_EX)
+        instance = dg.DagsterInstance.get()
+        fcntl.flock(opening, fcntl.LOCK_UN)
+    with instance:
         if not _has_gpu_limit(instance):
             raise CliError(
                 f"the instance at {home} sets no limit for the pool 'gpu' (two runs could hold GPU models at "
@@ -129,12 +128,19 @@ def _sweep_run_config(args: argparse.Namespace) -> dict:
 
 
 def _validate_sweep(args: argparse.Namespace) -> None:
-    """Fail on bad settings before anything is written or loaded."""
-    from flexyface_pipeline.defs.assets.sweep import SweepConfig
+    """Fail on bad settings before anything is written or loaded: the sweep's definition (or the
+    stored one it runs again), and with real weights offline the weights it needs."""
+    from flexyface_pipeline.defs.assets.sweep import SweepConfig, resolve_spec
+    from flexyface_pipeline.lib.config import METRICS, validate_sweep_name
+    from flexyface_pipeline.lib.settings import check_environment, check_weights_available
     from flexyface_pipeline.lib.store import SweepStore
 
+    validate_sweep_name(args.name)
     cfg = _sweep_run_config(args)["ops"]["sweep_parameters"]["config"]
-    SweepConfig(**cfg).to_spec(args.name, SweepStore(_storage_root()))
+    spec = resolve_spec(SweepConfig(**cfg), args.name, SweepStore(_storage_root()))
+    settings = getattr(args, "settings", None) or check_environment(os.environ)
+    if settings.profile == "real" and settings.offline:
+        check_weights_available(settings.locations, spec.engines, METRICS)
 
 
 def _error_line(error) -> str:
@@ -226,6 +232,28 @@ def _no_export_selection(args: argparse.Namespace) -> list | None:
     return [dg.AssetKey(k) for k in ("sweep_parameters", "generated_images", *(t for t, _ in SCORE_TABLES.values()))]
 
 
+def _claim(claims: contextlib.ExitStack, sweeps: Sequence[str], *, skip_busy: bool = False) -> dict[str, Any]:
+    """Claim each sweep for this command (``SweepStore.claim``), held until ``claims`` closes: a
+    command that finds a sweep claimed by another ends with one line naming it and its holder, or,
+    with ``skip_busy``, leaves it out with a warning. Taken after the input is validated, so a
+    refused command writes nothing. Returns the claims taken, by sweep."""
+    from flexyface_pipeline.lib.store import SweepBusyError, SweepStore, describe_holder
+
+    store = SweepStore(_storage_root())
+    claimed = {}
+    for sweep in sweeps:
+        try:
+            claim = claims.enter_context(store.claim(sweep))
+        except SweepBusyError as err:
+            if not skip_busy:
+                raise CliError(str(err)) from None
+            logger.warning("skipping sweep %s: another command is running it (%s)", sweep,
+                           describe_holder(err.holder))
+        else:
+            claimed[sweep] = claim
+    return claimed
+
+
 def run_sweep(args: argparse.Namespace) -> None:
     from flexyface_pipeline.definitions import defs
     from flexyface_pipeline.defs.partitions import sweeps_partitions
@@ -233,15 +261,17 @@ def run_sweep(args: argparse.Namespace) -> None:
     if args.design == "adaptive":
         raise CliError("an adaptive sweep runs in rounds: use `flexyface tune NAME --engine E --budget N`")
     _validate_sweep(args)
-    with _instance() as instance:
-        if not instance.has_dynamic_partition(sweeps_partitions.name, args.name):
-            instance.add_dynamic_partitions(sweeps_partitions.name, [args.name])
-            logger.info("added sweep partition %s", args.name)
-        job = defs.resolve_job_def("sweep_job")
-        result = job.execute_in_process(instance=instance, partition_key=args.name,
-                                        run_config=_sweep_run_config(args), tags=_tags(), raise_on_error=False,
-                                        asset_selection=_no_export_selection(args))
-    _finish([result], _problem(result, f"sweep {args.name}"), args)
+    with contextlib.ExitStack() as claims:  # the sweep is this command's until it has exported
+        with _instance() as instance:
+            _claim(claims, [args.name])  # a second command on the sweep stops here, having written nothing
+            if not instance.has_dynamic_partition(sweeps_partitions.name, args.name):
+                instance.add_dynamic_partitions(sweeps_partitions.name, [args.name])
+                logger.info("added sweep partition %s", args.name)
+            job = defs.resolve_job_def("sweep_job")
+            result = job.execute_in_process(instance=instance, partition_key=args.name,
+                                            run_config=_sweep_run_config(args), tags=_tags(), raise_on_error=False,
+                                            asset_selection=_no_export_selection(args))
+        _finish([result], _problem(result, f"sweep {args.name}"), args)
 
 
 def run_tune(args: argparse.Namespace) -> None:
@@ -256,25 +286,27 @@ def run_tune(args: argparse.Namespace) -> None:
     _validate_sweep(args)
     store = SweepStore(_storage_root())
     results, problem = [], None
-    with _instance() as instance:
-        if not instance.has_dynamic_partition(sweeps_partitions.name, args.name):
-            instance.add_dynamic_partitions(sweeps_partitions.name, [args.name])
-            logger.info("added sweep partition %s", args.name)
-        job = defs.resolve_job_def("sweep_job")
-        # Each round's run repeats the definition (unchanged: nothing is dropped) and grows the sweep;
-        # a round more than asked covers a run that stopped after asking and before writing.
-        for number in range(1, args.rounds + 2):
-            if tuning_finished(instance, store, args.name) and store.has_table("parameters", args.name):
-                break
-            logger.info("tuning %s: round %d", args.name, number)
-            results.append(job.execute_in_process(
-                instance=instance, partition_key=args.name, run_config=_sweep_run_config(args),
-                tags=_tags() | {TUNE_TAG: args.name}, raise_on_error=False,
-                asset_selection=_no_export_selection(args)))
-            problem = _problem(results[-1], f"tuning {args.name}, round {number}")
-            if problem is not None:
-                break
-    _finish(results, problem, args)
+    with contextlib.ExitStack() as claims:  # the sweep is this command's for every round and the export
+        with _instance() as instance:
+            _claim(claims, [args.name])
+            if not instance.has_dynamic_partition(sweeps_partitions.name, args.name):
+                instance.add_dynamic_partitions(sweeps_partitions.name, [args.name])
+                logger.info("added sweep partition %s", args.name)
+            job = defs.resolve_job_def("sweep_job")
+            # Each round's run repeats the definition (unchanged: nothing is dropped) and grows the sweep;
+            # a round more than asked covers a run that stopped after asking and before writing.
+            for number in range(1, args.rounds + 2):
+                if tuning_finished(instance, store, args.name) and store.has_table("parameters", args.name):
+                    break
+                logger.info("tuning %s: round %d", args.name, number)
+                results.append(job.execute_in_process(
+                    instance=instance, partition_key=args.name, run_config=_sweep_run_config(args),
+                    tags=_tags() | {TUNE_TAG: args.name}, raise_on_error=False,
+                    asset_selection=_no_export_selection(args)))
+                problem = _problem(results[-1], f"tuning {args.name}, round {number}")
+                if problem is not None:
+                    break
+        _finish(results, problem, args)
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -298,6 +330,9 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_rescore(args: argparse.Namespace) -> None:
+    """Score sweeps again. Each sweep is claimed for the command: with --sweep one that another
+    command is running ends the command before anything is re-scored; with --all such sweeps are
+    skipped with a warning (like those without images) and the others are re-scored."""
     import dagster as dg
 
     from flexyface_pipeline.definitions import defs
@@ -307,51 +342,62 @@ def run_rescore(args: argparse.Namespace) -> None:
     from flexyface_pipeline.lib.store import SweepStore
 
     metrics = validate_metrics(args.metric)
-    with _instance() as instance:
-        known = instance.get_dynamic_partitions(sweeps_partitions.name)
-        if args.all:
-            if not known:
-                raise CliError("there is no sweep to re-score yet")
-            store = SweepStore(_storage_root())
-            invalid = [s for s in known if not _valid_name(s)]
-            if invalid:
-                logger.warning("skipping partition(s) whose names are not valid sweep names: %s", ", ".join(invalid))
-            no_images = [s for s in known if s not in invalid and not store.has_table("images", s)]
-            if no_images:
-                logger.warning("skipping %d sweep(s) without images yet: %s", len(no_images), ", ".join(no_images))
-            skipped = invalid + no_images
-            if len(skipped) == len(known):
-                raise CliError(f"no sweep has images yet (sweeps: {', '.join(known)})")
-            # Runs over consecutive sweeps with images: a partition range would include a skipped sweep.
-            blocks = [list(group) for has_images, group in groupby(known, key=lambda s: s not in skipped) if has_images]
-        else:
-            unknown = [s for s in args.sweep if s not in known]
-            if unknown:
-                raise CliError(f"unknown sweep(s) {unknown}; known sweeps: {known}")
-            blocks = [[sweep] for sweep in args.sweep]
-        # The contact sheets print every score: redrawn after the new scores, in the same run.
-        selection = [SCORE_TABLES[m][0] for m in metrics] + ([] if args.no_export else ["image_grid"])
-        job = dg.define_asset_job("rescore", selection=selection)
-        # --force: every image again; by default an image keeps a score that is still right.
-        run_config = {"ops": {SCORE_TABLES[m][0]: {"config": {"rescore_all": bool(args.force)}} for m in metrics}}
-        resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("rescore")
-        results, problem = [], None
-        for block in blocks:
-            if len(block) > 1:
-                # One run over the block: the score assets' single-run backfill policy loads each model once.
-                tags = _tags() | {"dagster/asset_partition_range_start": block[0],
-                                  "dagster/asset_partition_range_end": block[-1]}
-                results.append(resolved.execute_in_process(instance=instance, tags=tags, raise_on_error=False,
-                                                           run_config=run_config))
-                problem = _problem(results[-1], f"re-scoring sweeps {block[0]} to {block[-1]}")
+    with contextlib.ExitStack() as claims:  # the sweeps re-scored are this command's until it has exported
+        with _instance() as instance:
+            known = instance.get_dynamic_partitions(sweeps_partitions.name)
+            if args.all:
+                if not known:
+                    raise CliError("there is no sweep to re-score yet")
+                store = SweepStore(_storage_root())
+                invalid = [s for s in known if not _valid_name(s)]
+                if invalid:
+                    logger.warning("skipping partition(s) whose names are not valid sweep names: %s",
+                                   ", ".join(invalid))
+                no_images = [s for s in known if s not in invalid and not store.has_table("images", s)]
+                if no_images:
+                    logger.warning("skipping %d sweep(s) without images yet: %s", len(no_images), ", ".join(no_images))
+                skipped = invalid + no_images
+                if len(skipped) == len(known):
+                    raise CliError(f"no sweep has images yet (sweeps: {', '.join(known)})")
+                # A sweep another command is running is skipped with a warning; the others are re-scored.
+                claimed = _claim(claims, [s for s in known if s not in skipped], skip_busy=True)
+                if not claimed:
+                    raise CliError("every sweep with images is being run by another command: wait for them to "
+                                   "finish, then run the command again")
+                skipped += [s for s in known if s not in skipped and s not in claimed]
+                # Runs over consecutive sweeps with images: a partition range would include a skipped sweep.
+                blocks = [list(group) for has_images, group in groupby(known, key=lambda s: s not in skipped)
+                          if has_images]
             else:
-                results.append(resolved.execute_in_process(instance=instance, partition_key=block[0],
-                                                           run_config=run_config,
-                                                           tags=_tags(), raise_on_error=False))
-                problem = _problem(results[-1], f"re-scoring {block[0]}")
-            if problem is not None:
-                break
-    _finish(results, problem, args)
+                unknown = [s for s in args.sweep if s not in known]
+                if unknown:
+                    raise CliError(f"unknown sweep(s) {unknown}; known sweeps: {known}")
+                _require_images(args.sweep)  # a sweep with nothing to score: one line, before any run
+                _claim(claims, [s for s in args.sweep if _valid_name(s)])  # one of them busy: nothing is re-scored
+                blocks = [[sweep] for sweep in args.sweep]
+            # The contact sheets print every score: redrawn after the new scores, in the same run.
+            selection = [SCORE_TABLES[m][0] for m in metrics] + ([] if args.no_export else ["image_grid"])
+            job = dg.define_asset_job("rescore", selection=selection)
+            # --force: every image again; by default an image keeps a score that is still right.
+            run_config = {"ops": {SCORE_TABLES[m][0]: {"config": {"rescore_all": bool(args.force)}} for m in metrics}}
+            resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("rescore")
+            results, problem = [], None
+            for block in blocks:
+                if len(block) > 1:
+                    # One run over the block: the score assets' single-run backfill policy loads each model once.
+                    tags = _tags() | {"dagster/asset_partition_range_start": block[0],
+                                      "dagster/asset_partition_range_end": block[-1]}
+                    results.append(resolved.execute_in_process(instance=instance, tags=tags, raise_on_error=False,
+                                                               run_config=run_config))
+                    problem = _problem(results[-1], f"re-scoring sweeps {block[0]} to {block[-1]}")
+                else:
+                    results.append(resolved.execute_in_process(instance=instance, partition_key=block[0],
+                                                               run_config=run_config,
+                                                               tags=_tags(), raise_on_error=False))
+                    problem = _problem(results[-1], f"re-scoring {block[0]}")
+                if problem is not None:
+                    break
+        _finish(results, problem, args)
 
 
 def _valid_name(sweep: str) -> bool:
@@ -362,6 +408,23 @@ def _valid_name(sweep: str) -> bool:
     except SweepConfigError:
         return False
     return True
+
+
+def _require_images(sweeps: Sequence[str]) -> None:
+    """Refuse sweeps that have nothing to re-score, in one line naming the first and the fix: a
+    partition whose name no sweep can have, a sweep never defined, a sweep without images."""
+    from flexyface_pipeline.defs.partitions import remove_command
+    from flexyface_pipeline.lib.store import SweepStore
+
+    store = SweepStore(_storage_root())
+    for sweep in sweeps:
+        if not _valid_name(sweep):
+            raise CliError(f"partition {sweep!r} is not a valid sweep name, so it has nothing to re-score: "
+                           f"`{remove_command(sweep)}` deletes the partition")
+        if not store.has_table("parameters", sweep):
+            raise CliError(f"sweep {sweep} is not defined yet: run `flexyface sweep {sweep} --images N` first")
+        if not store.has_table("images", sweep):
+            raise CliError(f"sweep {sweep} has no images yet: run `flexyface sweep {sweep}` first")
 
 
 def run_remove(args: argparse.Namespace) -> None:
@@ -378,21 +441,25 @@ def run_remove(args: argparse.Namespace) -> None:
         if _valid_name(args.name):  # a partition added by hand may have a name no sweep can have: no files
             folders = [store.sweep_dir(args.name), store.images_dir(args.name),
                        store.exports_dir / "grids" / args.name]
-        present = [f for f in folders if f.exists()]
-        if args.name not in known and not present:
+        if args.name not in known and not any(f.exists() for f in folders):
             raise CliError(f"unknown sweep {args.name!r}; known sweeps: {known}")
-        for folder in present:
-            shutil.rmtree(folder)
-            logger.info("removed %s", folder)
-        if args.name in known:
-            instance.delete_dynamic_partition(sweeps_partitions.name, args.name)
-            logger.info("removed sweep partition %s", args.name)
+        with contextlib.ExitStack() as claims:  # a sweep another command is running is not removed
+            for claim in _claim(claims, [args.name] if folders else []).values():
+                claim.discard = True  # the sweep is gone: so is its lock file
+            for folder in [f for f in folders if f.exists()]:
+                shutil.rmtree(folder)
+                logger.info("removed %s", folder)
+            if args.name in known:
+                instance.delete_dynamic_partition(sweeps_partitions.name, args.name)
+                logger.info("removed sweep partition %s", args.name)
     if not args.no_export:
         run_export(args)
 
 
 def run_doctor(args: argparse.Namespace) -> None:
-    """Check sweeps for damaged files; with --repair remove them and run what makes them again."""
+    """Check sweeps for damaged files; with --repair remove them and run what makes them again.
+    --repair claims each sweep before examining it: a sweep named on the command line that another
+    command is running ends the command; without names, such sweeps are skipped with a warning."""
     from flexyface_pipeline.definitions import defs
     from flexyface_pipeline.defs.partitions import sweeps_partitions
     from flexyface_pipeline.lib import doctor
@@ -405,47 +472,50 @@ def run_doctor(args: argparse.Namespace) -> None:
     if unknown:
         raise CliError(f"unknown sweep(s) {unknown}; known sweeps: {known}")
     sweeps = args.sweep or [s for s in known if _valid_name(s)]
-    diagnoses = [doctor.examine(store, sweep) for sweep in sweeps]
-    damaged = [d for d in diagnoses if not d.healthy]
-    for d in diagnoses:
-        if d.healthy:
-            sys.stdout.write(f"{d.sweep}: healthy\n")
-        for finding in d.findings:
-            sys.stdout.write(f"{d.sweep}: {finding.path}: {finding.problem}\n")
-    if not damaged:
-        return
-    if not args.repair:
-        raise CliError(f"{len(damaged)} damaged sweep(s): {', '.join(d.sweep for d in damaged)}; "
-                       "run `flexyface doctor --repair` to repair them")
-    unrepairable = [d for d in damaged if d.unrepairable]
-    results, problem = [], None
-    with _instance() as instance:
-        for d in damaged:
-            if d.unrepairable:
-                continue
-            for line in doctor.clear(store, d):
-                sys.stdout.write(f"{d.sweep}: {line}\n")
-            if d.regenerate:
-                job = defs.resolve_job_def("sweep_job")  # the stored settings: no run config
-                sys.stdout.write(f"{d.sweep}: running the sweep again (finished images are verified and kept)\n")
-                results.append(job.execute_in_process(instance=instance, partition_key=d.sweep, tags=_tags(),
-                                                      raise_on_error=False))
-            else:
-                import dagster as dg
+    with contextlib.ExitStack() as claims:
+        if args.repair:  # the sweeps repaired are this command's until it has exported
+            sweeps = list(_claim(claims, sweeps, skip_busy=not args.sweep))
+        diagnoses = [doctor.examine(store, sweep) for sweep in sweeps]
+        damaged = [d for d in diagnoses if not d.healthy]
+        for d in diagnoses:
+            if d.healthy:
+                sys.stdout.write(f"{d.sweep}: healthy\n")
+            for finding in d.findings:
+                sys.stdout.write(f"{d.sweep}: {finding.path}: {finding.problem}\n")
+        if not damaged:
+            return
+        if not args.repair:
+            raise CliError(f"{len(damaged)} damaged sweep(s): {', '.join(d.sweep for d in damaged)}; "
+                           "run `flexyface doctor --repair` to repair them")
+        unrepairable = [d for d in damaged if d.unrepairable]
+        results, problem = [], None
+        with _instance() as instance:
+            for d in damaged:
+                if d.unrepairable:
+                    continue
+                for line in doctor.clear(store, d):
+                    sys.stdout.write(f"{d.sweep}: {line}\n")
+                if d.regenerate:
+                    job = defs.resolve_job_def("sweep_job")  # the stored settings: no run config
+                    sys.stdout.write(f"{d.sweep}: running the sweep again (finished images are verified and kept)\n")
+                    results.append(job.execute_in_process(instance=instance, partition_key=d.sweep, tags=_tags(),
+                                                          raise_on_error=False))
+                else:
+                    import dagster as dg
 
-                from flexyface_pipeline.lib.export import SCORE_TABLES
+                    from flexyface_pipeline.lib.export import SCORE_TABLES
 
-                sys.stdout.write(f"{d.sweep}: re-scoring {', '.join(d.rescore)}\n")
-                job = dg.define_asset_job("repair_scores", selection=[SCORE_TABLES[m][0] for m in d.rescore])
-                resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("repair_scores")
-                results.append(resolved.execute_in_process(instance=instance, partition_key=d.sweep, tags=_tags(),
-                                                           raise_on_error=False))
-            problem = _problem(results[-1], f"repairing {d.sweep}")
-            if problem is not None:
-                break
-    if problem is None and unrepairable:
-        problem = "; ".join(d.unrepairable for d in unrepairable)
-    _finish(results, problem, args)
+                    sys.stdout.write(f"{d.sweep}: re-scoring {', '.join(d.rescore)}\n")
+                    job = dg.define_asset_job("repair_scores", selection=[SCORE_TABLES[m][0] for m in d.rescore])
+                    resolved = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("repair_scores")
+                    results.append(resolved.execute_in_process(instance=instance, partition_key=d.sweep, tags=_tags(),
+                                                               raise_on_error=False))
+                problem = _problem(results[-1], f"repairing {d.sweep}")
+                if problem is not None:
+                    break
+        if problem is None and unrepairable:
+            problem = "; ".join(d.unrepairable for d in unrepairable)
+        _finish(results, problem, args)
 
 
 def run_recover(args: argparse.Namespace) -> None:
@@ -471,11 +541,21 @@ def _add_setting_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="base seed")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexyface", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line naming the problem and where the help is (not the usage block)."""
 
-    sweep = sub.add_parser("sweep", help="add a sweep partition, generate and score it, then export")
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and the traceback of a failure")
+    parser = _Parser(prog="flexyface", description=__doc__.splitlines()[0], parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sweep = sub.add_parser("sweep", parents=[common], help="add a sweep partition, generate and score it, then export")
     sweep.add_argument("name", help="sweep name (the partition key): letters, digits, '.', '_', '-'")
     sweep.add_argument("--images", type=int, help="images per engine (the grid design derives it)")
     sweep.add_argument("--design", default="random",
@@ -488,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-export", action="store_true", help="skip merging into data/exports/")
     sweep.set_defaults(func=run_sweep)
 
-    tune = sub.add_parser("tune", help="adaptive sweep: Optuna proposes each round's settings from the scores so far")
+    tune = sub.add_parser("tune", parents=[common], help="adaptive sweep: Optuna proposes each round's settings from the scores so far")
     tune.add_argument("name", help="sweep name (the partition key)")
     tune.add_argument("--engine", default="realvis_xl")
     tune.add_argument("--budget", type=int, required=True, help="images in all (one trial: an image per prompt)")
@@ -499,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--no-export", action="store_true", help="skip merging into data/exports/")
     tune.set_defaults(func=run_tune)
 
-    rescore = sub.add_parser("rescore", help="recompute one or more metrics for some or all sweeps")
+    rescore = sub.add_parser("rescore", parents=[common], help="recompute one or more metrics for some or all sweeps")
     rescore.add_argument("metric", nargs="+", help="clip_score, aesthetic_score, aes_v2_score, hps_v2_score")
     target = rescore.add_mutually_exclusive_group(required=True)
     target.add_argument("--sweep", action="append", help="sweep to re-score (repeatable)")
@@ -510,15 +590,15 @@ def build_parser() -> argparse.ArgumentParser:
     rescore.add_argument("--no-export", action="store_true")
     rescore.set_defaults(func=run_rescore)
 
-    remove = sub.add_parser("remove", help="delete a sweep (tables, images, contact sheets, partition), then export")
+    remove = sub.add_parser("remove", parents=[common], help="delete a sweep (tables, images, contact sheets, partition), then export")
     remove.add_argument("name", help="the sweep to delete")
     remove.add_argument("--no-export", action="store_true")
     remove.set_defaults(func=run_remove)
 
-    recover = sub.add_parser("recover", help="mark runs whose process died as failed and free their gpu slot")
+    recover = sub.add_parser("recover", parents=[common], help="mark runs whose process died as failed and free their gpu slot")
     recover.set_defaults(func=run_recover)
 
-    doctor = sub.add_parser("doctor", help="check sweeps for damaged files (tables, images, definitions)")
+    doctor = sub.add_parser("doctor", parents=[common], help="check sweeps for damaged files (tables, images, definitions)")
     doctor.add_argument("sweep", nargs="*", help="sweeps to check (default: all)")
     doctor.add_argument("--repair", action="store_true",
                         help="remove what is damaged and make it again (re-run the sweep or re-score a metric), "
@@ -526,32 +606,77 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--no-export", action="store_true", help="do not refresh data/exports/ afterwards")
     doctor.set_defaults(func=run_doctor)
 
-    export = sub.add_parser("export", help="merge every sweep into data/exports/")
+    check = sub.add_parser("check", parents=[common], help="check every FLEXYFACE_* setting and the instance, and "
+                           "say what was found (nothing is written)")
+    check.add_argument("--no-pool-limit", action="store_true",
+                       help="do not require the gpu pool limit (checked before `make instance` sets it)")
+    check.set_defaults(func=run_check)
+
+    export = sub.add_parser("export", parents=[common], help="merge every sweep into data/exports/")
     export.add_argument("--strict", action="store_true",
                         help="exit with status 1 when a sweep is damaged (its healthy sweeps are exported either way)")
     export.set_defaults(func=run_export)
     return parser
 
 
+def run_check(args: argparse.Namespace) -> None:
+    """The settings were checked before this runs; check the instance, then say what was found."""
+    from flexyface_pipeline.lib.settings import check_instance
+
+    settings = args.settings
+    storage = check_instance(os.environ)
+    if not args.no_pool_limit:
+        import dagster as dg
+
+        with dg.DagsterInstance.get() as instance:
+            if not _has_gpu_limit(instance):
+                raise CliError(f"the instance at {os.environ['DAGSTER_HOME']} sets no limit for the pool 'gpu': run "
+                               "`make instance`, or `dagster instance concurrency set gpu 1`")
+    device = settings.device
+    sys.stdout.write(f"settings OK: data {settings.data_dir}; models: profile {settings.profile}, device {device}"
+                     f"{', offline' if settings.profile == 'real' and settings.offline else ''}; instance: {storage}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # storage schema set-up, on every new instance
+    """Run the command; every failure ends it with one line on stderr (the traceback too with --verbose)."""
     args = build_parser().parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # storage schema set-up, on every new instance
     _load_dotenv()
     from flexyface_pipeline.lib.config import SweepConfigError
-
-    import dagster as dg
+    from flexyface_pipeline.lib.settings import SettingError, check_environment, check_instance
+    from flexyface_pipeline.lib.store import DamagedTableError
 
     try:
-        args.func(args)
-    except SweepConfigError as err:
-        logger.error("invalid %s: %s", "input" if err.field == "metrics" else "sweep", err)
+        # The instance first: it needs neither torch nor dagster, so an unreachable PostgreSQL server is
+        # reported within a second or two. Then every FLEXYFACE_* setting, before anything is written.
+        if args.command != "check":
+            check_instance(os.environ)
+        args.settings = check_environment(os.environ)
+        import dagster as dg
+
+        try:
+            args.func(args)
+        except dg.DagsterError as err:  # configuration or instance trouble, before any step ran
+            raise CliError(_dagster_error_line(err)) from err
+    except SettingError as err:
+        logger.error("%s", err, exc_info=verbose)
         return 2
-    except CliError as err:
-        logger.error("%s", err)
+    except SweepConfigError as err:
+        logger.error("invalid %s: %s", "input" if err.field == "metrics" else "sweep", err, exc_info=verbose)
+        return 2
+    except (CliError, DamagedTableError) as err:
+        logger.error("%s", err, exc_info=verbose)
         return 1
-    except dg.DagsterError as err:  # configuration or instance trouble, before any step ran
-        logger.error("%s", _dagster_error_line(err))
+    except KeyboardInterrupt:
+        logger.error("interrupted: finished images and tables are kept; run the command again to go on")
+        return 130
+    except Exception as err:  # anything else: one line, the traceback with --verbose
+        first = str(err).strip().splitlines()[0][:400] if str(err).strip() else ""
+        logger.error("%s%s%s", type(err).__name__, f": {first}" if first else "",
+                     "" if verbose else " (run again with --verbose for the traceback)", exc_info=verbose)
         return 1
     return 0
 

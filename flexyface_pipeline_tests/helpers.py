@@ -21,8 +21,8 @@ BIN = Path(sys.executable).parent
 
 def tiny_resources(data_dir: Path, models_dir: Path, **model_overrides) -> dict:
     storage = StorageResource(data_dir=str(data_dir))
-    settings = {"profile": "tiny", "generation_batch_size": 3, "scoring_batch_size": 4} | model_overrides
-    models = ModelResource(storage=storage, device="cpu", models_dir=str(models_dir), **settings)
+    settings = {"profile": "tiny", "device": "cpu", "generation_batch_size": 3, "scoring_batch_size": 4} | model_overrides
+    models = ModelResource(storage=storage, models_dir=str(models_dir), **settings)
     return {"storage": storage, "models": models}
 
 

@@ -110,20 +110,22 @@ def _errors(caplog) -> list[str]:
 
 
 def test_a_run_that_fails_ends_the_command_with_one_line(cli_env, tmp_path, monkeypatch, caplog):
-    """A model location that does not exist: the run fails while setting up, before any step runs."""
-    missing = tmp_path / "no-such-model"
-    monkeypatch.setenv("FLEXYFACE_MODEL_PROFILE", "real")
-    monkeypatch.setenv("FLEXYFACE_REALVIS_XL_MODEL", str(missing))
+    """A model location that does not exist is refused before any run (test_bad_input.py); one that
+    fails while the run sets up its resources (here: a device that went away) ends the command with
+    the run's one line, before any step runs."""
+    from flexyface_pipeline.defs.resources import ModelResource
+
+    def gone(self, context):
+        raise RuntimeError("CUDA error: the device was lost")
+
+    monkeypatch.setattr(ModelResource, "setup_for_execution", gone)
     assert cli.main(["sweep", "broken", "--images", "2", *COMMON]) == 1
     [error] = _errors(caplog)
     with dg.DagsterInstance.get() as instance:
         [run] = instance.get_runs()  # and no export after it
         assert run.status == dg.DagsterRunStatus.FAILURE
-    assert error == (
-        f"sweep broken failed (run {run.run_id}): setting up resources: MissingWeightsError: realvis_xl: local path "
-        f"'{missing}' does not exist; set FLEXYFACE_REALVIS_XL_MODEL to a directory holding the model's weights, "
-        "or to a Hugging Face hub id"
-    )
+    assert error == (f"sweep broken failed (run {run.run_id}): setting up resources: RuntimeError: CUDA error: "
+                     "the device was lost")
     assert not (cli_env / "images" / "broken").exists()
 
 
@@ -236,3 +238,59 @@ def test_remove_deletes_one_sweep_and_refreshes_the_export(cli_env, caplog):
     caplog.clear()
     assert cli.main(["remove", "gone"]) == 1
     assert "unknown sweep 'gone'; known sweeps: ['keep']" in caplog.text
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("binary", "prompt_files: prompt file 'bin.dat' is not UTF-8 text: byte 0x89 at offset 0 (line 1) "
+               "is not valid UTF-8; save it as UTF-8 text, one prompt per line"),
+    ("directory", "prompt_files: prompt file 'bin.dat' is a directory: name a text file with one "
+                  "prompt per line"),
+    ("unreadable", "prompt_files: prompt file 'bin.dat' cannot be read (permission denied): make it "
+                   "readable, e.g. `chmod a+r {path}`"),
+])
+def test_a_prompt_file_that_cannot_be_read_as_text_is_refused_in_one_line(cli_env, monkeypatch, caplog, kind, message):
+    from pathlib import Path
+
+    from flexyface_pipeline_tests.helpers import file_hashes
+
+    path = cli_env / "prompts" / "bin.dat"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" if kind == "binary" else b"a portrait\n")
+    before = file_hashes(cli_env)
+    refused, real = {path} if kind == "unreadable" else set(), Path.read_bytes
+
+    def read_bytes(self):  # a chmod does not stop root: the read is refused as the kernel would refuse it
+        if self in refused:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert cli.main(["sweep", "x", "--images", "4", "--prompt-file", "bin.dat"]) == 2
+    refused.clear()
+    [error] = _errors(caplog)
+    assert error.endswith(message.format(path=path)), error
+    assert "Traceback" not in caplog.text
+    assert file_hashes(cli_env) == before
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_dynamic_partitions("sweeps") == []
+        assert instance.get_runs() == []
+
+
+def test_rescoring_a_sweep_without_images_is_refused_before_any_run(cli_env, tiny_models_dir, caplog):
+    from flexyface_pipeline_tests.helpers import file_hashes, sweep_run_config, tiny_defs
+
+    with dg.DagsterInstance.get() as instance:  # defined (its parameters), never generated
+        instance.add_dynamic_partitions("sweeps", ["s"])
+        assert tiny_defs(cli_env, tiny_models_dir).resolve_job_def("sweep_job").execute_in_process(
+            instance=instance, partition_key="s", asset_selection=[dg.AssetKey("sweep_parameters")],
+            run_config=sweep_run_config(2)).success
+    before = file_hashes(cli_env)
+    caplog.clear()
+    assert cli.main(["rescore", "clip_score", "--sweep", "s"]) == 1
+    assert _errors(caplog) == ["sweep s has no images yet: run `flexyface sweep s` first"]
+    assert "Traceback" not in caplog.text
+    assert file_hashes(cli_env) == before
+    with dg.DagsterInstance.get() as instance:
+        assert [r.job_name for r in instance.get_runs()] == ["sweep_job"]  # no re-score run

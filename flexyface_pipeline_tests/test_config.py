@@ -105,3 +105,57 @@ def test_stored_settings_are_not_silently_mixed_with_new_ones(tmp_path):
     assert err.value.field == "num_images"
     with pytest.raises(SweepConfigError, match="sweep 'new' is new"):
         resolve_spec(SweepConfig(), "new", store)
+
+
+PNG_HEADER = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (PNG_HEADER, "is not UTF-8 text: byte 0x89 at offset 0 (line 1) is not valid UTF-8"),
+        ("a portrait\nun café\n".encode("latin-1"), "byte 0xe9 at offset 17 (line 2)"),
+        ("a portrait\n".encode("utf-16"), "byte 0xff at offset 0 (line 1)"),
+        (b"a portrait\nsecond\x00line\n", "is not text: it holds a NUL byte at offset 17 (line 2)"),
+    ],
+)
+def test_a_prompt_file_that_is_not_utf8_text_is_named_with_the_offset(tmp_path, content, fragment):
+    (tmp_path / "bin.dat").write_bytes(content)
+    with pytest.raises(SweepConfigError) as err:
+        spec(prompt_files=["bin.dat"], prompts_dir=tmp_path)
+    message = str(err.value)
+    assert err.value.field == "prompt_files"
+    assert message.startswith("prompt_files: prompt file 'bin.dat' ")
+    assert fragment in message
+    assert message.endswith("save it as UTF-8 text, one prompt per line")
+    assert "\n" not in message
+
+
+def test_a_prompt_file_that_is_a_directory_is_refused(tmp_path):
+    (tmp_path / "more").mkdir()
+    with pytest.raises(SweepConfigError) as err:
+        spec(prompt_files=["more"], prompts_dir=tmp_path)
+    assert str(err.value) == ("prompt_files: prompt file 'more' is a directory: name a text file with one prompt "
+                              "per line")
+
+
+def test_an_unreadable_prompt_file_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "locked.txt"
+    path.write_text("a portrait\n")
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)  # a chmod does not stop root
+    with pytest.raises(SweepConfigError) as err:
+        spec(prompt_files=["locked.txt"], prompts_dir=tmp_path)
+    assert str(err.value) == (f"prompt_files: prompt file 'locked.txt' cannot be read (permission denied): make it "
+                              f"readable, e.g. `chmod a+r {path}`")
+
+
+def test_a_sweep_name_with_a_trailing_newline_is_refused():
+    with pytest.raises(SweepConfigError, match="not a valid sweep name"):
+        validate_sweep_name("nightly\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from flexyface_pipeline.lib.export import EXPORT_COLUMNS, finalize, write_export
 from flexyface_pipeline.lib.generation import verify_image, write_png
 from flexyface_pipeline.lib.grid import _representatives
 from flexyface_pipeline.lib.sampling import sample_design, sample_parameters
+from flexyface_pipeline_tests.conftest import REPO
 
 REPO_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts"
 PROMPTS = ["a red car", "an old man", "a bowl of ramen"]
@@ -204,6 +206,7 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, fragment, engines, tmp_p
     (data / "prompts" / "p.txt").write_text("a\nb\n")
     home = tmp_path / "home"
     home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")  # the instance is checked first
     monkeypatch.setenv("FLEXYFACE_DATA_DIR", str(data))
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.chdir(tmp_path)
@@ -214,7 +217,7 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, fragment, engines, tmp_p
     text = caplog.text + capsys.readouterr().err
     assert code == 2 and fragment in text
     assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == ["prompts", "prompts/p.txt"]
-    assert list(home.iterdir()) == []  # no instance, no partition
+    assert [p.name for p in home.iterdir()] == ["dagster.yaml"]  # no instance storage, no partition
 
 
 def test_tune_budget_smaller_than_one_round_is_refused():

@@ -288,7 +288,7 @@ def test_bad_ray_settings_fail_when_the_run_starts(tmp_path):
         ("FLEXYFACE_RAY_ACTORS", {"ray_actors": -1}, "-1"),
     ]:
         models = tiny_resources(tmp_path / "data", tmp_path / "models", ray_address="ray://127.0.0.1:1", **fields)
-        with pytest.raises(ValueError, match=rf"^{setting}: .*{__import__('re').escape(words)}"):
+        with pytest.raises(ValueError, match=rf"^{setting}=.*{__import__('re').escape(words)}"):
             models["models"].validate()
 
 

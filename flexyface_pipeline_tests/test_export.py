@@ -100,3 +100,62 @@ def test_provenance_columns_follow_the_seed_and_model_columns(tmp_path):
         assert back["aesthetic_v1_tf32"].tolist() == [False] * 12
         by_id = dict(zip(back["image_id"], back["clip_prompt_truncated"]))
         assert by_id == {f"a-{i:05d}": i % 4 == 0 for i in range(12)}
+
+
+def _two_sweep_export(tmp_path):
+    rng = np.random.default_rng(3)
+    df = finalize([merge_tables(*_sweep("a", 9, rng, set(METRICS))), merge_tables(*_sweep("b", 7, rng, set(METRICS)))])
+    df.loc[df["sweep"] == "b", "prompt"] = 'a "quoted", two-line\nprompt'  # a record over two lines
+    return df, *write_export(df, tmp_path)
+
+
+def test_dropping_a_sweep_keeps_the_other_rows_as_they_were(tmp_path):
+    from flexyface_pipeline.lib.export import drop_sweep_exports
+
+    df, parquet, csv = _two_sweep_export(tmp_path)
+    old_csv = csv.read_bytes()
+    for sweep in ("a", "b"):
+        (tmp_path / "grids" / sweep).mkdir(parents=True)
+        (tmp_path / "grids" / sweep / "00_prompt.png").write_bytes(b"png")
+
+    gone = drop_sweep_exports(tmp_path, "b")
+    assert (gone.parquet_rows, gone.csv_rows, gone.rows) == (7, 7, 7)
+    assert gone.rewritten == [parquet, csv]
+    assert gone.sheets == [tmp_path / "grids" / "b" / "00_prompt.png"]
+    assert not (tmp_path / "grids" / "b").exists() and (tmp_path / "grids" / "a" / "00_prompt.png").is_file()
+    kept = df[df["sweep"] != "b"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(parquet), kept)
+    # The CSV keeps the other records byte for byte; both files are those an export of sweep a alone writes.
+    write_export(kept, tmp_path / "a_alone")
+    assert csv.read_bytes() == (tmp_path / "a_alone" / "sweep_results.csv").read_bytes()
+    assert parquet.read_bytes() == (tmp_path / "a_alone" / "sweep_results.parquet").read_bytes()
+    assert len(old_csv) > len(csv.read_bytes())
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    # Nothing of the sweep left: nothing is written again.
+    stamps = {p: p.stat().st_mtime_ns for p in (parquet, csv)}
+    again = drop_sweep_exports(tmp_path, "b")
+    assert (again.rows, again.rewritten, again.sheets) == (0, [], [])
+    assert stamps == {p: p.stat().st_mtime_ns for p in (parquet, csv)}
+
+
+def test_dropping_a_sweep_without_exports_creates_nothing(tmp_path):
+    from flexyface_pipeline.lib.export import drop_sweep_exports
+
+    gone = drop_sweep_exports(tmp_path / "exports", "a")
+    assert (gone.rows, gone.rewritten, gone.sheets) == (0, [], [])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_export_is_named_and_nothing_is_changed(tmp_path):
+    from flexyface_pipeline.lib.export import DamagedExportError, drop_sweep_exports
+
+    _, parquet, csv = _two_sweep_export(tmp_path)
+    parquet.write_bytes(parquet.read_bytes()[:100])
+    before = csv.read_bytes()
+    with pytest.raises(DamagedExportError) as err:
+        drop_sweep_exports(tmp_path, "a")
+    assert str(err.value).startswith(f"{parquet} cannot be read (")
+    assert str(err.value).endswith("so the rows of sweep a it may hold cannot be removed: delete it "
+                                   "(`flexyface export` writes it again), then run again")
+    assert csv.read_bytes() == before

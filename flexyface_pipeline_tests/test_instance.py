@@ -248,7 +248,8 @@ def test_make_instance_switches_to_postgres_and_back(tmp_path):
     checkout = _checkout(tmp_path / "checkout")
     home = checkout / "data" / "dagster"
     with temporary_database(settings) as dbname:
-        lines = [f"DAGSTER_HOME={home}"] + [f"{k}={v}" for k, v in settings.instance_env(dbname).items()]
+        lines = [f"DAGSTER_HOME={home}", f"FLEXYFACE_DATA_DIR={checkout / 'data'}"] + [
+            f"{k}={v}" for k, v in settings.instance_env(dbname).items()]
         (checkout / ".env").write_text("\n".join(lines) + "\n")
 
         done = _make_instance(checkout, "postgres")

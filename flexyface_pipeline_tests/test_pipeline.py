@@ -244,3 +244,47 @@ def test_redefining_a_sweep_drops_its_old_images_and_scores_tables(data_dir, tin
     assert sorted(df["guidance"]) == sorted(new["guidance"])
     for path in df["image_path"]:
         assert read_png_record(data_dir / path)["guidance"] >= 10.0
+
+
+def test_a_redefined_sweep_leaves_the_export_in_the_step_that_redefines_it(data_dir, tiny_models_dir, dagster_home):
+    """A run stopped right after sweep_parameters (only that step runs here) leaves an export without
+    the sweep's superseded rows and without its old contact sheets; the other sweep's rows stay as
+    they were."""
+    from flexyface_pipeline_tests.helpers import sweep_run_config
+
+    defs = tiny_defs(data_dir, tiny_models_dir)
+    exports = data_dir / "exports"
+    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
+        # Both sweeps in one run (a partition range: each model loads once).
+        instance.add_dynamic_partitions("sweeps", ["kept", "redo"])
+        assert defs.resolve_job_def("sweep_job").execute_in_process(
+            instance=instance, run_config=sweep_run_config(3),
+            tags={"dagster/asset_partition_range_start": "kept", "dagster/asset_partition_range_end": "redo"}).success
+        assert defs.resolve_job_def("export_job").execute_in_process(instance=instance).success
+        old = pd.read_parquet(exports / "sweep_results.parquet")
+        old_csv = (exports / "sweep_results.csv").read_text().splitlines(keepends=True)
+        assert old.groupby("sweep").size().to_dict() == {"kept": 3, "redo": 3}
+        sheets = sorted((exports / "grids" / "redo").glob("*.png"))
+        kept_sheets = file_hashes(exports / "grids" / "kept")
+        assert sheets and kept_sheets
+        report = file_hashes(exports)["sweep_report.html"]
+
+        result = defs.resolve_job_def("sweep_job").execute_in_process(
+            instance=instance, partition_key="redo", asset_selection=[dg.AssetKey("sweep_parameters")],
+            run_config=sweep_run_config(3, guidance_min=10.0, guidance_max=12.0))
+        assert result.success
+        assert [s.step_key for s in result.get_step_success_events()] == ["sweep_parameters"]
+        [mat] = result.asset_materializations_for_node("sweep_parameters")
+        assert mat.metadata["export_rows_dropped"].value == 3
+        assert mat.metadata["contact_sheets_removed"].value == len(sheets)
+
+    new = pd.read_parquet(exports / "sweep_results.parquet")
+    pd.testing.assert_frame_equal(new, old[old["sweep"] == "kept"].reset_index(drop=True))
+    keep = [True, *(old["sweep"] == "kept")]  # the header, then the rows in the Parquet file's order
+    assert (exports / "sweep_results.csv").read_text().splitlines(keepends=True) == [
+        line for line, kept in zip(old_csv, keep) if kept]
+    assert not (exports / "grids" / "redo").exists()
+    assert file_hashes(exports / "grids" / "kept") == kept_sheets
+    # The analysis report covers every sweep: it stays until the next analysis.
+    assert file_hashes(exports)["sweep_report.html"] == report
+    assert not list(exports.rglob("*.tmp"))

@@ -288,8 +288,8 @@ def test_scoring_precision_setting(data_dir, tiny_models_dir, store) -> None:
 
     with pytest.raises(ValueError) as refused:
         tiny_resources(data_dir, tiny_models_dir, scoring_dtype="float64")["models"].validate()
-    assert str(refused.value) == ("FLEXYFACE_SCORING_DTYPE (scoring_dtype): expected one of reference, bf16, fp32, "
-                                  "fp16, got 'float64'")
+    assert str(refused.value) == ("FLEXYFACE_SCORING_DTYPE='float64': expected one of reference, bf16, fp32, fp16 "
+                                  "(reference: each metric as its reference library computes it)")
 
     models = tiny_resources(data_dir, tiny_models_dir, scoring_dtype="bf16")["models"]
     try:

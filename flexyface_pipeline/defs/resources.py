@@ -11,27 +11,31 @@ from typing import Any
 import dagster as dg
 from pydantic import PrivateAttr
 
-from flexyface_pipeline.lib.models.common import (
-    PROFILES,
-    DigestCache,
-    check_location,
-    ModelIdentity,
-    Runtime,
-    free_memory,
-    resolve_runtime,
+from flexyface_pipeline.lib.config import METRICS
+from flexyface_pipeline.lib.models.common import DigestCache, ModelIdentity, Runtime, free_memory, resolve_runtime
+from flexyface_pipeline.lib.metrics.base import scoring_runtime
+from flexyface_pipeline.lib.settings import (
+    LOCATION_SETTINGS,
+    MODEL_SETTINGS,
+    check_boolean,
+    check_directory,
+    check_gpu_share,
+    check_model_settings,
+    check_weights_available,
 )
-from flexyface_pipeline.lib.metrics.base import check_scoring_dtype, scoring_runtime
 from flexyface_pipeline.lib.store import SweepStore
 
 logger = logging.getLogger(__name__)
-
-_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
 
 
 class StorageResource(dg.ConfigurableResource):
     """The data directory: prompts, sweeps, images, exports, built models."""
 
     data_dir: str = "data"
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # The check the flexyface command runs (lib/settings.py); a run creates a missing folder.
+        check_directory("FLEXYFACE_DATA_DIR", self.data_dir, must_exist=False)
 
     def store(self) -> SweepStore:
         return SweepStore(self.data_dir)
@@ -100,42 +104,29 @@ class ModelResource(dg.ConfigurableResource):
         self.release()
 
     def validate(self) -> None:
-        """Check the settings without loading anything."""
-        if self.profile not in PROFILES:
-            raise ValueError(f"profile: expected one of {list(PROFILES)}, got {self.profile!r}")
+        """Check the settings without loading anything: the checks of ``lib/settings.py`` that the
+        ``flexyface`` command also runs, each failure one line naming the setting."""
         if self.generation_batch_size < 0 or self.scoring_batch_size < 0:
             raise ValueError("generation_batch_size and scoring_batch_size must be >= 0 (0: automatic)")
-        check_scoring_dtype(self.scoring_dtype, "FLEXYFACE_SCORING_DTYPE (scoring_dtype)")
-        self.offload  # noqa: B018 (checks the setting)
-        if self.ray_address:
-            # The models run on the cluster's workers: this process needs no GPU, only the cluster.
-            self.gpus_per_scorer  # noqa: B018 (checks the setting)
-            if self.ray_actors < 0:
-                raise ValueError(f"FLEXYFACE_RAY_ACTORS: expected 0 (one per GPU or CPU) or more, got {self.ray_actors}")
-            resolve_runtime("cpu", self.dtype)  # the device and dtype settings are valid words
-            if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-                raise ValueError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
-            self._runtime = resolve_runtime("cpu", "fp32")
-        else:
-            self._runtime = resolve_runtime(self.device, self.dtype, self.tf32)
-        if self.profile == "real":
-            self.check_locations()
+        # With a Ray cluster the models run on its workers: this process needs no GPU, only the cluster.
+        device = check_model_settings(self.settings())
+        self._runtime = resolve_runtime("cpu", "fp32") if self.ray_address else resolve_runtime(device, self.dtype, self.tf32)
         if self.ray_address:
             from flexyface_pipeline.lib.distributed import connect
 
             connect(self.ray_address)  # one line naming FLEXYFACE_RAY_ADDRESS when Ray or the cluster is missing
 
-    def check_locations(self) -> None:
-        """Every configured model location is a hub id or an existing path (MissingWeightsError
-        naming the model and its setting otherwise), checked when a run starts."""
-        from flexyface_pipeline.lib.engines import ENGINES
-        from flexyface_pipeline.lib.metrics import SCORERS
+    def settings(self) -> dict[str, Any]:
+        """This resource's settings by the environment variable that sets each (lib/settings.py)."""
+        return {name: getattr(self, field) for name, field in MODEL_SETTINGS.items()}
 
-        for key, cls in {**ENGINES, **SCORERS}.items():
-            check_location(getattr(cls, "title", key), self.configured_location(key), cls.setting)
-        from flexyface_pipeline.lib.engines.hidream import LLAMA_SETTING
-
-        check_location("hidream Llama text encoder", self.hidream_llama_model, LLAMA_SETTING)
+    def check_available(self, engines: list[str] | tuple[str, ...]) -> None:
+        """With real weights and downloads off: the weights of ``engines`` and of every metric are on
+        this machine (``SettingError`` naming the first missing one); nothing is loaded."""
+        if self.profile != "real" or not self.is_offline:
+            return
+        locations = {key: self.configured_location(key) for key in LOCATION_SETTINGS.values()}
+        check_weights_available(locations, engines, METRICS)
 
     @property
     def runtime(self) -> Runtime:
@@ -147,10 +138,7 @@ class ModelResource(dg.ConfigurableResource):
     @property
     def offload(self) -> bool:
         """``cpu_offload`` as a boolean."""
-        value = str(self.cpu_offload).strip().lower()
-        if value not in _BOOLEANS:
-            raise ValueError(f"FLEXYFACE_CPU_OFFLOAD (cpu_offload): expected true or false, got {self.cpu_offload!r}")
-        return _BOOLEANS[value]
+        return check_boolean("FLEXYFACE_CPU_OFFLOAD", self.cpu_offload)
 
     @property
     def generation_batch(self) -> int | None:
@@ -311,14 +299,7 @@ class ModelResource(dg.ConfigurableResource):
     @property
     def gpus_per_scorer(self) -> float:
         """``ray_gpus_per_scorer`` as a number in (0, 1]."""
-        try:
-            share = float(self.ray_gpus_per_scorer or "1")
-        except ValueError:
-            share = float("nan")
-        if not 0 < share <= 1:
-            raise ValueError("FLEXYFACE_RAY_GPUS_PER_SCORER: expected a GPU share in (0, 1] such as 1 or 0.25, "
-                             f"got {self.ray_gpus_per_scorer!r}")
-        return share
+        return check_gpu_share(self.ray_gpus_per_scorer)
 
     def worker_fields(self) -> dict[str, Any]:
         """This resource's settings as plain values for a Ray worker's own loader

@@ -3,7 +3,6 @@ after images or score tables change."""
 
 import datetime as dt
 import os
-from collections.abc import Mapping
 
 import dagster as dg
 
@@ -14,6 +13,12 @@ from flexyface_pipeline.defs.jobs import export_job, grid_job
 from flexyface_pipeline.defs.resources import StorageResource
 from flexyface_pipeline.defs.start import SCHEDULED_TAG, start_run_config, start_sweep_job
 from flexyface_pipeline.lib.config import SweepConfigError
+from flexyface_pipeline.lib.settings import (  # noqa: F401 (NIGHTLY_DEFAULTS: the defaults, shown in tests)
+    NIGHTLY_DEFAULTS,
+    NIGHTLY_SETTINGS,
+    SettingError,
+    nightly_settings,
+)
 
 # Schedules run on UTC, and a dated sweep is named after the UTC date of its tick.
 SCHEDULE_TIMEZONE = "UTC"
@@ -21,41 +26,8 @@ SCHEDULE_TIMEZONE = "UTC"
 # What a scheduled sweep samples: environment variables read when the schedule is evaluated (the
 # code location reads .env), so changing them needs no code change and no reload. With the tiny
 # model profile (the demo's) the defaults are the demo's small, fast sweep; otherwise a real one.
-NIGHTLY_ENV = {
-    "num_images": "FLEXYFACE_NIGHTLY_IMAGES",
-    "width": "FLEXYFACE_NIGHTLY_WIDTH",
-    "height": "FLEXYFACE_NIGHTLY_HEIGHT",
-    "prompt_files": "FLEXYFACE_NIGHTLY_PROMPT_FILE",
-    "engine": "FLEXYFACE_NIGHTLY_ENGINE",
-}
-NIGHTLY_DEFAULTS = {"num_images": 200, "width": 512, "height": 512, "prompt_files": ["portraits.txt"],
-                    "engine": "realvis_xl"}
-NIGHTLY_TINY_DEFAULTS = {"num_images": 96, "width": 64, "height": 64, "prompt_files": ["demo.txt"],
-                         "engine": "realvis_xl", "steps_min": 4, "steps_max": 10}
-
-
-class NightlySettingError(ValueError):
-    """An environment variable of the nightly sweep holds a bad value."""
-
-
-def nightly_settings(environ: Mapping[str, str]) -> dict:
-    """The ``sweep_parameters`` settings of a scheduled sweep, from ``FLEXYFACE_NIGHTLY_*`` in ``environ``."""
-    tiny = environ.get("FLEXYFACE_MODEL_PROFILE", "").strip() == "tiny"
-    settings = dict(NIGHTLY_TINY_DEFAULTS if tiny else NIGHTLY_DEFAULTS)
-    for field, variable in NIGHTLY_ENV.items():
-        raw = environ.get(variable, "").strip()
-        if not raw:
-            continue
-        if field in ("num_images", "width", "height"):
-            try:
-                settings[field] = int(raw)
-            except ValueError:
-                raise NightlySettingError(f"{variable}={raw!r} is not a whole number") from None
-        elif field == "prompt_files":
-            settings[field] = [name.strip() for name in raw.split(",") if name.strip()]
-        else:
-            settings[field] = raw
-    return settings
+# They are checked with every other setting (lib/settings.py).
+NIGHTLY_ENV = NIGHTLY_SETTINGS
 
 
 def build_sweep_schedule(name: str, cron: str, prefix: str) -> dg.ScheduleDefinition:
@@ -82,7 +54,7 @@ def build_sweep_schedule(name: str, cron: str, prefix: str) -> dg.ScheduleDefini
         try:
             settings = nightly_settings(os.environ)
             resolve_spec(SweepConfig(**settings), sweep, storage.store())
-        except (NightlySettingError, SweepConfigError) as err:
+        except (SettingError, SweepConfigError) as err:
             return dg.SkipReason(f"nightly sweep {sweep} not started: {err} (FLEXYFACE_NIGHTLY_* settings)")
         return dg.RunRequest(
             run_key=sweep,

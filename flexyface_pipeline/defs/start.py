@@ -3,10 +3,10 @@
 ``start_sweep`` is an unpartitioned job whose config is the sweep's name plus every setting of
 ``sweep_parameters`` (the launchpad lists them with their defaults). Its run validates the
 settings — a bad one fails the run with one line naming it, before anything is written — then adds
-the sweep's partition. The sensor ``launch_started_sweep`` then requests ``sweep_job`` on that
-partition with the same settings. Nothing is created when a launch is only previewed, when the
-launchpad refuses a config, or when the settings are invalid: the partition exists only once a
-valid start run has executed.
+the sweep's partition (refused in one line while a ``flexyface`` command is running that sweep). The
+sensor ``launch_started_sweep`` then requests ``sweep_job`` on that partition with the same settings.
+Nothing is created when a launch is only previewed, when the launchpad refuses a config, or when the
+settings are invalid: the partition exists only once a valid start run has executed.
 """
 
 import dagster as dg
@@ -15,8 +15,10 @@ from pydantic import Field
 from flexyface_pipeline.defs.assets.sweep import SweepConfig, resolve_spec
 from flexyface_pipeline.defs.jobs import sweep_job
 from flexyface_pipeline.defs.partitions import sweeps_partitions
-from flexyface_pipeline.defs.resources import StorageResource
+from flexyface_pipeline.defs.resources import ModelResource, StorageResource
 from flexyface_pipeline.lib.config import SweepConfigError, validate_sweep_name
+from flexyface_pipeline.lib.settings import SettingError
+from flexyface_pipeline.lib.store import SweepBusyError
 
 START_OP = "prepare_sweep"
 STARTED_BY_TAG = "flexyface/started_by"
@@ -42,15 +44,22 @@ def start_run_config(sweep: str, settings: dict) -> dict:
 
 @dg.op(name=START_OP, description="Validates the sweep's settings, then adds its partition; the sensor "
        "launch_started_sweep launches sweep_job on it.")
-def start_sweep_op(context: dg.OpExecutionContext, config: StartSweepConfig, storage: StorageResource) -> None:
+def start_sweep_op(context: dg.OpExecutionContext, config: StartSweepConfig, storage: StorageResource,
+                   models: ModelResource) -> None:
     store = storage.store()
     try:
         validate_sweep_name(config.sweep)
         settings = SweepConfig(**sweep_settings(config.model_dump()))
         spec = resolve_spec(settings, config.sweep, store)
-    except SweepConfigError as err:
+        models.check_available(spec.engines)  # the models' settings were checked when the run started
+    except (SweepConfigError, SettingError) as err:
         # One line naming the setting; nothing has been written.
         raise dg.Failure(description=f"invalid sweep {config.sweep!r}: {err}", allow_retries=False) from None
+    # A `flexyface` command running the sweep holds its claim: refused in one line, nothing added.
+    holder = store.claim_holder(config.sweep)
+    if holder is not None:
+        raise dg.Failure(description=str(SweepBusyError(config.sweep, holder, again="launch start_sweep again")),
+                         allow_retries=False)
     if context.instance.has_dynamic_partition(sweeps_partitions.name, config.sweep):
         context.log.info("sweep %s exists: it runs again with %s", config.sweep,
                          "new settings (it is redefined)" if settings.defines_sweep() else "its stored settings")

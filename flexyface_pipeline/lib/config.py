@@ -23,7 +23,7 @@ MAX_PROMPT_CHARS = 2_000
 
 METRICS: tuple[str, ...] = ("clip_score", "aesthetic_score", "aes_v2_score", "hps_v2_score")
 
-_SWEEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # matched against the whole name (fullmatch)
 MAX_SWEEP_NAME = 64
 
 
@@ -43,7 +43,7 @@ def validate_sweep_name(name: object) -> str:
         raise SweepConfigError("sweep", "the sweep name contains a NUL character")
     if len(name) > MAX_SWEEP_NAME:
         raise SweepConfigError("sweep", f"the sweep name is {len(name)} characters long (at most {MAX_SWEEP_NAME})")
-    if "/" in name or "\\" in name or ".." in name or not _SWEEP_NAME.match(name):
+    if "/" in name or "\\" in name or ".." in name or not _SWEEP_NAME.fullmatch(name):
         raise SweepConfigError(
             "sweep",
             f"{name!r} is not a valid sweep name: use letters, digits, '.', '_' and '-', "
@@ -70,9 +70,44 @@ def _check_range(name: str, lo: float, hi: float, limits: tuple[float, float]) -
         raise SweepConfigError(name, f"[{lo}, {hi}] is outside the allowed range [{limits[0]}, {limits[1]}]")
 
 
-def read_prompt_file(path: Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def read_prompt_file(path: Path, name: str | None = None) -> list[str]:
+    """One prompt per line; blank lines and lines starting with ``#`` are skipped.
+
+    The file must be UTF-8 text. A directory, a file that is not UTF-8 text (a binary file, or
+    text in another encoding) or one that cannot be read raises :class:`SweepConfigError` naming
+    the file (``name``, default its path), what is wrong and the fix.
+    """
+    label = repr(name if name is not None else str(path))
+    fix = "save it as UTF-8 text, one prompt per line"
+    if path.is_dir():
+        raise SweepConfigError("prompt_files", f"prompt file {label} is a directory: name a text file with one "
+                               "prompt per line")
+    if not path.is_file():
+        raise SweepConfigError("prompt_files", f"prompt file {label} is not a regular file: name a text file with "
+                               "one prompt per line")
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        raise SweepConfigError("prompt_files", f"prompt file {label} cannot be read (permission denied): "
+                               f"make it readable, e.g. `chmod a+r {path}`") from None
+    except OSError as err:
+        raise SweepConfigError("prompt_files", f"prompt file {label} cannot be read "
+                               f"({err.strerror or type(err).__name__}): check the file and its disk") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SweepConfigError("prompt_files", f"prompt file {label} is not UTF-8 text: byte 0x{data[err.start]:02x} "
+                               f"at offset {err.start} (line {_line_of(data, err.start)}) is not valid UTF-8; "
+                               f"{fix}") from None
+    if "\x00" in text:
+        offset = data.index(b"\x00")
+        raise SweepConfigError("prompt_files", f"prompt file {label} is not text: it holds a NUL byte at offset "
+                               f"{offset} (line {_line_of(data, offset)}); {fix}")
+    lines = text.splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
@@ -84,9 +119,9 @@ def resolve_prompts(prompt_files: list[str], prompts: list[str], prompts_dir: Pa
         candidate = (root / name).resolve()
         if root not in candidate.parents:
             raise SweepConfigError("prompt_files", f"{name!r} is not a file under {prompts_dir}")
-        if not candidate.is_file():
+        if not candidate.exists():
             raise SweepConfigError("prompt_files", f"prompt file {name!r} not found under {prompts_dir}")
-        from_file = read_prompt_file(candidate)
+        from_file = read_prompt_file(candidate, name)
         if not from_file:
             raise SweepConfigError("prompt_files", f"prompt file {name!r} holds no prompt")
         out.extend(from_file)

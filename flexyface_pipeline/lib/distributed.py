@@ -86,7 +86,15 @@ def _import_ray(address: str):
     return ray
 
 
-def _probe(address: str) -> None:
+def check_address(address: str, timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
+    """Without connecting: Ray is installed, and an explicit ``host:port`` accepts connections
+    within ``timeout`` seconds (``RayUnavailableError`` naming the setting otherwise)."""
+    _import_ray(address)
+    if address != "auto":
+        _probe(address, timeout)
+
+
+def _probe(address: str, timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
     """Fail fast when an explicit host:port does not accept connections (Ray would retry for
     30 s or more before giving up)."""
     target = address.removeprefix("ray://")
@@ -96,7 +104,7 @@ def _probe(address: str) -> None:
             f"{SETTING}={address!r}: expected auto, ray://HOST:PORT (Ray client, port 10001) or HOST:PORT "
             f"(the head's GCS, port 6379); leave it empty to run in this process")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_SECONDS):
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
     except OSError as err:
         raise RayUnavailableError(

@@ -1,17 +1,29 @@
-"""Merge a sweep's tables into result rows and write the Parquet/CSV export."""
+"""Merge a sweep's tables into result rows and write the Parquet/CSV export; remove a sweep's
+rows from it when the sweep is redefined."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import csv
+import fcntl
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from flexyface_pipeline.lib.atomic import atomic_write_with
-from flexyface_pipeline.lib.config import METRICS
+from flexyface_pipeline.lib.atomic import atomic_write_bytes, atomic_write_with
+from flexyface_pipeline.lib.config import METRICS, validate_sweep_name
+
+EXPORT_STEM = "sweep_results"
+GRIDS_DIR = "grids"  # exports/grids/<sweep>/: the sweep's contact sheets
+# Beside the exports directory (taking it creates nothing under exports/).
+EXPORT_LOCK_NAME = ".exports.lock"
 
 # The seed's CSV columns, first and in this order.
 SEED_COLUMNS = ["steps", "guidance", *METRICS, "elapsed_ms", "seed"]
@@ -101,10 +113,127 @@ def _write_csv(table: pa.Table, path: Path) -> None:
         pcsv.write_csv(table, f, pcsv.WriteOptions(include_header=False, quoting_style="needed"))
 
 
-def write_export(df: pd.DataFrame, exports_dir: Path, stem: str = "sweep_results") -> tuple[Path, Path]:
+def write_export(df: pd.DataFrame, exports_dir: Path, stem: str = EXPORT_STEM) -> tuple[Path, Path]:
     """Write ``<stem>.parquet`` and ``<stem>.csv`` atomically."""
     exports_dir.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df, preserve_index=False)
     parquet = atomic_write_with(exports_dir / f"{stem}.parquet", lambda tmp: pq.write_table(table, tmp))
     csv = atomic_write_with(exports_dir / f"{stem}.csv", lambda tmp: _write_csv(table, tmp))
     return parquet, csv
+
+
+class DamagedExportError(OSError):
+    """An export file that cannot be read, so a sweep's rows cannot be removed from it. The message
+    names the file and the fix."""
+
+
+@contextlib.contextmanager
+def export_lock(exports_dir: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the export for one writer: the step that merges every sweep into the export (from
+    reading the tables to writing the files) and the step that redefines a sweep (removing its rows
+    and dropping its tables) take turns, so no export can be written from a sweep's superseded
+    tables after its rows were removed. An exclusive ``flock`` on ``<data>/.exports.lock``;
+    ``on_wait`` is called once if another process holds it."""
+    path = Path(exports_dir).parent / EXPORT_LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class DroppedExports:
+    """What :func:`drop_sweep_exports` removed."""
+
+    parquet_rows: int = 0  # rows of the sweep removed from <stem>.parquet
+    csv_rows: int = 0  # and from <stem>.csv (the same rows, unless one of the files is older)
+    rewritten: list[Path] = field(default_factory=list)  # export files written again without them
+    sheets: list[Path] = field(default_factory=list)  # contact sheets removed
+
+    @property
+    def rows(self) -> int:
+        return max(self.parquet_rows, self.csv_rows)
+
+
+def _damaged(path: Path, sweep: str, err: Exception) -> DamagedExportError:
+    why = " ".join(str(err).split())[:160]
+    return DamagedExportError(
+        f"{path} cannot be read ({type(err).__name__}: {why}), so the rows of sweep {sweep} it may hold cannot "
+        f"be removed: delete it (`flexyface export` writes it again), then run again")
+
+
+def _parquet_without(path: Path, sweep: str) -> tuple[int, pa.Table]:
+    """The Parquet export without the sweep's rows, and how many it had; the other rows, their
+    order and the file's schema (with its pandas metadata) are kept."""
+    try:
+        table = pq.read_table(path)
+        column = table.column("sweep")
+    except Exception as err:  # pyarrow raises several types for a damaged file; KeyError without the column
+        raise _damaged(path, sweep, err) from err
+    keep = pc.invert(pc.fill_null(pc.equal(column, pa.scalar(sweep, column.type)), False))
+    kept = table.filter(keep)
+    return len(table) - len(kept), kept
+
+
+def _csv_without(path: Path, sweep: str) -> tuple[int, bytes]:
+    """The CSV export without the sweep's records, and how many it had; every other byte is kept
+    (the records are copied as they are, not formatted again)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+        pieces = text.split("\n")
+        lines = [piece + "\n" for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+        reader = csv.reader(lines)
+        header = next(reader)
+        index = header.index("sweep")
+        kept, start, dropped = lines[:reader.line_num], reader.line_num, 0
+        for record in reader:
+            end = reader.line_num
+            if len(record) > index and record[index] == sweep:
+                dropped += 1
+            else:
+                kept += lines[start:end]
+            start = end
+    except (OSError, UnicodeDecodeError, csv.Error, StopIteration, ValueError) as err:
+        raise _damaged(path, sweep, err) from err
+    return dropped, "".join(kept).encode("utf-8")
+
+
+def drop_sweep_exports(exports_dir: Path, sweep: str, stem: str = EXPORT_STEM) -> DroppedExports:
+    """Remove what the exports hold of ``sweep``'s rows, for a sweep whose rows are superseded (it
+    was redefined): its rows of ``<stem>.parquet`` and ``<stem>.csv`` (each written again
+    atomically, and only if it holds any) and its contact sheets (``grids/<sweep>/``). The other
+    sweeps' rows stay as they were. Missing files are nothing to do; nothing is created.
+
+    The analysis report (``sweep_report.html``, ``recommendations.json``) covers every sweep
+    together and is not edited: it describes the export as it was when it was last analysed, until
+    the next analysis (``sweep_analysis``, which follows every export). Take :func:`export_lock`
+    around this and the dropping of the sweep's tables. Raises :class:`DamagedExportError`, before
+    anything is changed, when an export file cannot be read.
+    """
+    validate_sweep_name(sweep)
+    exports_dir = Path(exports_dir)
+    parquet, csv_path = exports_dir / f"{stem}.parquet", exports_dir / f"{stem}.csv"
+    for path in (parquet, csv_path):
+        if path.exists() and not path.is_file():
+            raise _damaged(path, sweep, IsADirectoryError("not a regular file"))
+    # Both files are read before either is written: a damaged one changes nothing.
+    parquet_rows, parquet_kept = _parquet_without(parquet, sweep) if parquet.is_file() else (0, None)
+    csv_rows, csv_kept = _csv_without(csv_path, sweep) if csv_path.is_file() else (0, b"")
+    rewritten = []
+    if parquet_rows:
+        rewritten.append(atomic_write_with(parquet, lambda tmp: pq.write_table(parquet_kept, tmp)))
+    if csv_rows:
+        rewritten.append(atomic_write_bytes(csv_path, csv_kept))
+    grids = exports_dir / GRIDS_DIR / sweep
+    sheets = sorted(grids.glob("*.png")) if grids.is_dir() else []
+    if grids.is_dir():
+        shutil.rmtree(grids)
+    return DroppedExports(parquet_rows=parquet_rows, csv_rows=csv_rows, rewritten=rewritten, sheets=sheets)

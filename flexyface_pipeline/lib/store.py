@@ -6,6 +6,7 @@ Layout (all under ``data_dir``)::
     sweeps/<sweep>/sweep.json      the validated sweep spec
     sweeps/<sweep>/<table>.parquet parameters, images, clip_scores, aesthetic_scores, aes_v2_scores, hps_v2_scores
     sweeps/<sweep>/manifest.json   SHA-256 and row count of each table, recorded when it was written
+    sweeps/.locks/<sweep>.lock     the claim of the command that runs the sweep (``SweepStore.claim``)
     images/<sweep>/<image_id>.png  generated images (parameters in a PNG text chunk)
     exports/                       sweep_results.parquet / .csv, reports
     models/<profile>/<model>/      random-weight models built by the project (tiny, random_full)
@@ -14,10 +15,18 @@ Layout (all under ``data_dir``)::
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
+import os
+import shlex
+import socket
+import sys
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +45,45 @@ _SCORE_TABLE_METRICS = {"clip_scores": "clip_score", "aesthetic_scores": "aesthe
 class DamagedTableError(OSError):
     """A table that cannot be read, or whose bytes differ from those recorded when it was written.
     The message names the file and the command that makes it again."""
+
+
+class SweepBusyError(RuntimeError):
+    """Another process holds the sweep's claim (``SweepStore.claim``). The one-line message names the
+    sweep, the holder (pid, host, what it runs, since when) and what to do."""
+
+    def __init__(self, sweep: str, holder: dict | None, again: str = "run the command again"):
+        self.sweep, self.holder = sweep, holder
+        super().__init__(f"sweep {sweep!r} is busy: another command is running it ({describe_holder(holder)}); "
+                         f"wait for it to finish, then {again}: finished images are kept")
+
+
+def describe_holder(holder: dict | None) -> str:
+    """``pid 123 on host h: flexyface sweep s ..., since 2024-01-01 12:00:00`` (one line)."""
+    if not holder:
+        return "a process that has not said what it runs yet"
+    text = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+    command = " ".join(str(holder.get("command", "")).split())
+    if command:
+        text += f": {command[:200]}{'...' if len(command) > 200 else ''}"
+    if holder.get("since"):
+        text += f", since {holder['since']}"
+    return text
+
+
+@dataclass
+class _Claim:
+    fd: int
+    path: Path
+    depth: int = 1
+    discard: bool = False  # remove the lock file on release (the sweep is gone)
+
+
+# Claims this process holds, by lock file. A flock belongs to an open file description, so a second
+# open and flock of the same file in this process would find it taken: a nested claim reuses the first.
+_HELD: dict[Path, _Claim] = {}
+_HELD_LOCK = threading.Lock()
+# How long a refused claimant waits for the holder to record who it is (it does so right after locking).
+_HOLDER_WAIT_S = 1.0
 
 
 def repair_command(table: str, sweep: str) -> str:
@@ -209,3 +257,134 @@ class SweepStore:
         with open(directory / ".manifest.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
+
+    # -- claims ------------------------------------------------------------------------------
+    def claim_path(self, sweep: str) -> Path:
+        return self._inside(self.root / "sweeps" / ".locks" / f"{validate_sweep_name(sweep)}.lock")
+
+    @contextlib.contextmanager
+    def claim(self, sweep: str, command: str | None = None) -> Iterator[_Claim]:
+        """Hold the sweep for one command: an exclusive, non-blocking ``flock`` on
+        ``sweeps/.locks/<sweep>.lock``, which then records the holder (pid, host, ``command`` —
+        default: this process's command line — and since when). Raises SweepBusyError at once when
+        another process holds it. A claim this process already holds is reentered, not taken again.
+        The kernel frees the lock when the holder exits, however it ends; a clean release empties the
+        file, and ``discard`` on the yielded claim removes it (for a sweep that is deleted)."""
+        path = self.claim_path(sweep)
+        with _HELD_LOCK:
+            held = _HELD.get(path)
+            if held is not None:
+                held.depth += 1
+        if held is None:
+            held = self._acquire(sweep, path, command)
+        try:
+            yield held
+        finally:
+            with _HELD_LOCK:
+                held.depth -= 1
+                last = held.depth == 0
+                if last:
+                    del _HELD[path]
+            if last:
+                _release(held)
+
+    def claim_holder(self, sweep: str) -> dict | None:
+        """Who holds the sweep's claim in another process (what ``claim`` records; an empty dict when
+        the holder has not recorded itself), or None when it is free or held by this process. Only
+        tests the lock: takes it for an instant at most and creates nothing."""
+        path = self.claim_path(sweep)
+        with _HELD_LOCK:
+            if path in _HELD:
+                return None
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        try:
+            deadline = time.monotonic() + _HOLDER_WAIT_S
+            while True:
+                if _try_lock(fd):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    return None
+                holder = _read_holder(fd)
+                if holder is not None or time.monotonic() >= deadline:
+                    return holder or {}
+                time.sleep(0.05)
+        finally:
+            os.close(fd)
+
+    def _acquire(self, sweep: str, path: Path, command: str | None) -> _Claim:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + _HOLDER_WAIT_S
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # never truncated before it is locked
+            try:
+                locked = _try_lock(fd)
+                if locked and _same_file(fd, path):
+                    break
+                if not locked:
+                    holder = _read_holder(fd)
+                    if holder is not None or time.monotonic() >= deadline:
+                        raise SweepBusyError(sweep, holder)
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+            if not locked:  # the holder has locked the file but not yet said who it is
+                time.sleep(0.05)
+            # else a release removed the file meanwhile: lock the one now at the path
+        claim = _Claim(fd, path)
+        try:
+            record = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": command if command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            # Written in place, not replaced: the lock belongs to this file.
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+        except BaseException:
+            _release(claim)
+            raise
+        with _HELD_LOCK:
+            _HELD[path] = claim
+        return claim
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the locked descriptor is still the file at ``path`` (not one removed meanwhile)."""
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (at_path.st_dev, at_path.st_ino)
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        data = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _release(claim: _Claim) -> None:
+    try:
+        if claim.discard:
+            claim.path.unlink(missing_ok=True)  # still locked: a claimant that opened it retries
+        else:
+            os.ftruncate(claim.fd, 0)
+    finally:
+        os.close(claim.fd)  # frees the lock

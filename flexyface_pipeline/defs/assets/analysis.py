@@ -12,7 +12,7 @@ from flexyface_pipeline.defs.assets.results import EXPORT_POOL, sweep_results
 from flexyface_pipeline.defs.assets.scores import score_assets
 from flexyface_pipeline.defs.assets.sweep import generated_images
 from flexyface_pipeline.defs.figures import Figure, figures_metadata
-from flexyface_pipeline.defs.partitions import sweeps_partitions
+from flexyface_pipeline.defs.partitions import require_tables, sweep_keys, sweeps_partitions
 from flexyface_pipeline.defs.previews import png_markdown as _png_markdown
 from flexyface_pipeline.defs.resources import StorageResource
 
@@ -165,10 +165,12 @@ def image_grid(context: dg.AssetExecutionContext, storage: StorageResource) -> d
     from flexyface_pipeline.lib.designs import axis_bins
     from flexyface_pipeline.lib.grid import write_grids
 
+    sweeps = sweep_keys(context)
     store = storage.store()
+    require_tables(store, sweeps, ("parameters", "images"), "image_grid")
     written = []
     sweep_rows: dict[str, pd.DataFrame] = {}
-    for sweep in context.partition_keys:
+    for sweep in sweeps:
         scores = {m: store.read_table(t, sweep) for m, (t, _) in SCORE_TABLES.items() if store.has_table(t, sweep)}
         rows = merge_tables(store.read_table("parameters", sweep), store.read_table("images", sweep), scores)
         rows["image_path"] = [str(store.absolute(p)) for p in rows["image_path"]]
@@ -184,7 +186,7 @@ def image_grid(context: dg.AssetExecutionContext, storage: StorageResource) -> d
                       path.read_bytes())
                for sweep, prompt, path in written]
     analysed = {}
-    for sweep in context.partition_keys:
+    for sweep in sweeps:
         plots, why = sweep_plots(sweep, sweep_rows[sweep])
         figures += plots
         analysed[sweep] = why or f"{len(plots)} plots"

@@ -6,7 +6,7 @@ import pandas as pd
 from pydantic import Field
 
 from flexyface_pipeline.lib.config import SweepConfigError, validate_sweep_name
-from flexyface_pipeline.lib.export import SCORE_TABLES, finalize, merge_tables, write_export
+from flexyface_pipeline.lib.export import SCORE_TABLES, export_lock, finalize, merge_tables, write_export
 from flexyface_pipeline.lib.store import DamagedTableError
 from flexyface_pipeline.defs.assets.scores import score_assets
 from flexyface_pipeline.defs.assets.sweep import generated_images, sweep_parameters
@@ -43,38 +43,42 @@ class DamagedSweepsError(Exception):
 )
 def sweep_results(context: dg.AssetExecutionContext, config: ExportConfig, storage: StorageResource) -> dg.MaterializeResult:
     store = storage.store()
-    parameters, images, incomplete, damaged = [], [], {}, {}
-    scores: dict[str, list[pd.DataFrame]] = {metric: [] for metric in SCORE_TABLES}
-    for sweep in sorted(context.instance.get_dynamic_partitions(sweeps_partitions.name)):
-        try:
-            validate_sweep_name(sweep)
-        except SweepConfigError as err:  # a partition added by hand with a name no sweep can have
-            incomplete[sweep] = f"invalid sweep name: {err}"
-            continue
-        if not store.has_table("parameters", sweep) or not store.has_table("images", sweep):
-            incomplete[sweep] = "not generated"
-            continue
-        missing = [m for m, (table, _) in SCORE_TABLES.items() if not store.has_table(table, sweep)]
-        if missing:
-            incomplete[sweep] = "missing " + ", ".join(missing)
-            continue  # rows without all four scores are not exported
-        try:  # one damaged sweep is named and left out; the healthy ones are exported
-            tables = {name: store.read_table(name, sweep)
-                      for name in ("parameters", "images", *(t for t, _ in SCORE_TABLES.values()))}
-        except DamagedTableError as err:
-            damaged[sweep] = str(err)
-            continue
-        parameters.append(tables["parameters"])
-        images.append(tables["images"])
-        for metric, (table, _) in SCORE_TABLES.items():
-            scores[metric].append(tables[table])
-    if parameters:
-        merged = [merge_tables(pd.concat(parameters, ignore_index=True), pd.concat(images, ignore_index=True),
-                               {m: pd.concat(t, ignore_index=True) for m, t in scores.items()})]
-    else:
-        merged = []
-    df = finalize(merged)
-    parquet, csv = write_export(df, store.exports_dir)
+    # From the first table read to the files written, under the export lock: a sweep redefined
+    # meanwhile (sweep_parameters) removes its rows and drops its tables before or after, never between.
+    with export_lock(store.exports_dir, on_wait=lambda: context.log.info(
+            "waiting for a sweep's redefinition to finish removing its rows from the export")):
+        parameters, images, incomplete, damaged = [], [], {}, {}
+        scores: dict[str, list[pd.DataFrame]] = {metric: [] for metric in SCORE_TABLES}
+        for sweep in sorted(context.instance.get_dynamic_partitions(sweeps_partitions.name)):
+            try:
+                validate_sweep_name(sweep)
+            except SweepConfigError as err:  # a partition added by hand with a name no sweep can have
+                incomplete[sweep] = f"invalid sweep name: {err}"
+                continue
+            if not store.has_table("parameters", sweep) or not store.has_table("images", sweep):
+                incomplete[sweep] = "not generated"
+                continue
+            missing = [m for m, (table, _) in SCORE_TABLES.items() if not store.has_table(table, sweep)]
+            if missing:
+                incomplete[sweep] = "missing " + ", ".join(missing)
+                continue  # rows without all four scores are not exported
+            try:  # one damaged sweep is named and left out; the healthy ones are exported
+                tables = {name: store.read_table(name, sweep)
+                          for name in ("parameters", "images", *(t for t, _ in SCORE_TABLES.values()))}
+            except DamagedTableError as err:
+                damaged[sweep] = str(err)
+                continue
+            parameters.append(tables["parameters"])
+            images.append(tables["images"])
+            for metric, (table, _) in SCORE_TABLES.items():
+                scores[metric].append(tables[table])
+        if parameters:
+            merged = [merge_tables(pd.concat(parameters, ignore_index=True), pd.concat(images, ignore_index=True),
+                                   {m: pd.concat(t, ignore_index=True) for m, t in scores.items()})]
+        else:
+            merged = []
+        df = finalize(merged)
+        parquet, csv = write_export(df, store.exports_dir)
     for sweep, why in incomplete.items():
         context.log.warning("sweep %s is not complete (%s): its unscored rows are left out", sweep, why)
     for sweep, why in damaged.items():

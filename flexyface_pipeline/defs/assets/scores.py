@@ -9,7 +9,7 @@ from flexyface_pipeline.lib.checks import check_scores
 from flexyface_pipeline.lib.export import SCORE_TABLES
 from flexyface_pipeline.lib.scoring import score_sweep
 from flexyface_pipeline.defs.assets.sweep import generated_images
-from flexyface_pipeline.defs.partitions import sweeps_partitions
+from flexyface_pipeline.defs.partitions import require_tables, sweep_keys, sweeps_partitions
 from flexyface_pipeline.defs.resources import ModelResource, StorageResource
 
 DESCRIPTIONS = {
@@ -46,10 +46,12 @@ def build_score_asset(metric: str) -> dg.AssetsDefinition:
     )
     def _score_asset(context: dg.AssetExecutionContext, config: ScoreConfig, storage: StorageResource,
                      models: ModelResource) -> dg.MaterializeResult:
+        sweeps = sweep_keys(context)
         store = storage.store()
+        require_tables(store, sweeps, ("parameters", "images"), table_name)
         tables, outcomes = [], []
         try:
-            for sweep in context.partition_keys:
+            for sweep in sweeps:
                 table = score_sweep(metric, sweep, store, lambda: models.scorer(metric),
                                     batch_size=models.scoring_batch_size, log=context.log,
                                     backend=models.distributed(), rescore_all=config.rescore_all)

@@ -9,9 +9,11 @@ from flexyface_pipeline.lib.config import SweepConfigError, SweepSpec, build_swe
 from flexyface_pipeline.lib.checks import check_images_exist
 from flexyface_pipeline.lib.generation import IMAGE_COLUMNS, generate_sweep
 from flexyface_pipeline.lib.designs import get_design
+from flexyface_pipeline.lib.export import drop_sweep_exports, export_lock
 from flexyface_pipeline.lib.sampling import sample_design
+from flexyface_pipeline.lib.settings import SettingError
 from flexyface_pipeline.lib.store import DERIVED_TABLES, SweepStore
-from flexyface_pipeline.defs.partitions import sweeps_partitions
+from flexyface_pipeline.defs.partitions import require_tables, sweep_keys, sweeps_partitions
 from flexyface_pipeline.defs.previews import ProgressObservations
 from flexyface_pipeline.defs.resources import ModelResource, StorageResource
 
@@ -109,21 +111,40 @@ def _markdown_table(df: pd.DataFrame, limit: int = 10) -> str:
     backfill_policy=dg.BackfillPolicy.single_run(),
     description="Deterministically sampled settings (prompt, steps, guidance, seed) of every image of a sweep.",
 )
-def sweep_parameters(context: dg.AssetExecutionContext, config: SweepConfig, storage: StorageResource) -> dg.MaterializeResult:
+def sweep_parameters(context: dg.AssetExecutionContext, config: SweepConfig, storage: StorageResource,
+                     models: ModelResource) -> dg.MaterializeResult:
+    sweeps = sweep_keys(context)
     store = storage.store()
     tables, infos = [], []
-    for sweep in context.partition_keys:
+    export_rows_dropped = sheets_removed = 0
+    for sweep in sweeps:
         spec = resolve_spec(config, sweep, store)
+        try:
+            models.check_available(spec.engines)  # weights missing offline: refused before anything is written
+        except SettingError as err:
+            raise dg.Failure(description=str(err), allow_retries=False) from None
         previous = store.read_spec_dict(sweep)
         redefined = previous is not None and SweepSpec.from_dict(previous).to_dict() != spec.to_dict()
         if redefined:
             # The images and score tables describe the old rows: dropped before the new rows are
-            # written, so no export can join new settings to old images or scores.
-            dropped = store.drop_tables(sweep, DERIVED_TABLES)
+            # written, so no export can join new settings to old images or scores; and the old rows
+            # leave the exports in the same step (a run stopped after it shows none of them).
+            with export_lock(store.exports_dir, on_wait=lambda: context.log.info(
+                    "sweep %s is redefined: waiting for the export being written", sweep)):
+                gone = drop_sweep_exports(store.exports_dir, sweep)
+                dropped = store.drop_tables(sweep, DERIVED_TABLES)
+            export_rows_dropped += gone.rows
+            sheets_removed += len(gone.sheets)
             context.log.warning(
                 "sweep %s is redefined: dropped its tables %s; images are verified against the new rows "
                 "(those that no longer match are generated again) and every metric is scored again",
                 sweep, ", ".join(dropped) or "(none yet)")
+            if gone.rows or gone.sheets:
+                context.log.warning(
+                    "sweep %s is redefined: removed its %d superseded row(s) from %s and %d contact sheet(s); "
+                    "the analysis report keeps describing the last analysed export until the next export",
+                    sweep, gone.rows, ", ".join(str(path) for path in gone.rewritten) or "the export",
+                    len(gone.sheets))
         if get_design(spec.design).adaptive:
             params, info = _tuning_round(context, spec, store, fresh=previous is None or redefined)
         else:
@@ -147,6 +168,9 @@ def sweep_parameters(context: dg.AssetExecutionContext, config: SweepConfig, sto
                                              if len(params) else "–"),
         "guidance_range": dg.MetadataValue.text(f"{guidance.min():.2f}–{guidance.max():.2f}" if len(guidance) else "none"),
         "prompts": dg.MetadataValue.int(int(params["prompt"].nunique())),
+        # A redefined sweep's superseded rows removed from the export, and its contact sheets.
+        "export_rows_dropped": dg.MetadataValue.int(export_rows_dropped),
+        "contact_sheets_removed": dg.MetadataValue.int(sheets_removed),
         "preview": dg.MetadataValue.md(_markdown_table(params[[c for c in ("image_id", "engine", "prompt", "steps", "guidance",
                                                                              "scheduler", "seed") if c in params]])),
     }
@@ -196,13 +220,15 @@ def _tuning_round(context: dg.AssetExecutionContext, spec: SweepSpec, store: Swe
     "finished images are verified and kept when a run is repeated.",
 )
 def generated_images(context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource) -> dg.MaterializeResult:
+    sweeps = sweep_keys(context)
     store = storage.store()
+    require_tables(store, sweeps, ("parameters",), "generated_images")
     totals = {"generated": 0, "reused": 0, "images": 0}
     seconds = 0.0
     missing: list[str] = []
     num_missing = 0
     try:
-        for sweep in context.partition_keys:
+        for sweep in sweeps:
             params = store.read_table("parameters", sweep)
             engine_tables = []
             # Each engine's rows with that engine, one engine loaded at a time.

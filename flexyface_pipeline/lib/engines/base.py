@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
 import PIL.Image
 
-from flexyface_pipeline.lib.models.common import DigestCache, ModelIdentity, Runtime, device_batch_size
+from flexyface_pipeline.lib.models.common import (
+    DigestCache,
+    MissingWeightsError,
+    ModelIdentity,
+    Runtime,
+    check_location,
+    device_batch_size,
+    hub_errors,
+    identify,
+    is_local,
+    missing_weights,
+)
 
 MAX_SEED = 2**63
 MAX_CUDA_BATCH = 16  # images per call at most when the size is automatic
@@ -93,6 +104,7 @@ class Engine(abc.ABC):
     name: ClassVar[str]  # registry key, the value of the sweep's ``engine`` column
     default_model: ClassVar[str]  # hub id of the weights used when nothing else is configured
     setting: ClassVar[str]  # environment variable that points the engine at other weights
+    pipeline_name: ClassVar[str] = "pipeline"  # the diffusers pipeline class of the releases (in messages)
 
     # The engine's parameter semantics, declared here and checked before any model loads.
     steps_limits: ClassVar[tuple[int, int]] = (4, 60)  # steps a sweep may ask for
@@ -146,11 +158,44 @@ class Engine(abc.ABC):
         on a CPU."""
 
     @classmethod
+    def _pipeline_class(cls) -> type:
+        """The diffusers pipeline class that loads the releases (its ``download`` fetches them)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _resolve(cls, location: str, *, offline: bool) -> str:
+        """The local directory of the pipeline at ``location`` (downloading it unless ``offline``):
+        a diffusers directory (it has ``model_index.json``) or a hub id."""
+        checked = check_location(cls.name, location, cls.setting)
+        if is_local(checked):
+            if not (Path(checked) / "model_index.json").is_file():
+                raise MissingWeightsError(
+                    f"{cls.name}: {location!r} is not a diffusers {cls.pipeline_name} directory (no "
+                    f"model_index.json); set {cls.setting} to such a directory or to a Hugging Face hub id"
+                )
+            return checked
+        try:
+            return cls._pipeline_class().download(checked, local_files_only=offline)
+        except hub_errors() as exc:
+            raise missing_weights(cls.name, location, cls.setting, exc) from exc
+
+    @classmethod
+    def check_available(cls, location: str, *, locations: Mapping[str, str] | None = None) -> None:
+        """Without loading or going online: the weights at ``location`` are on this machine (a
+        pipeline directory, or the Hugging Face cache); MissingWeightsError naming the setting
+        otherwise. ``locations``: every configured location by model key (second weights)."""
+        cls._resolve(location, offline=True)
+
+    @classmethod
     def identify_weights(cls, location: str, *, digests: DigestCache | None = None) -> ModelIdentity | None:
         """The identity ``load`` would give these weights, without loading them or going online;
         None when it cannot be told (weights not on this machine). Lets a run check that existing
         images were made by the configured model before deciding that nothing needs the GPU."""
-        return None
+        try:
+            resolved = cls._resolve(location, offline=True)
+        except MissingWeightsError:
+            return None
+        return identify(location, resolved, digests)
 
     @abc.abstractmethod
     def generate(self, batch: Sequence[ImageRequest]) -> list[PIL.Image.Image]:

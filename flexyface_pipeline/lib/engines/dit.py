@@ -40,11 +40,9 @@ from flexyface_pipeline.lib.models.common import (
     MissingWeightsError,
     ModelIdentity,
     Runtime,
-    check_location,
     free_memory,
+    hub_errors,
     identify,
-    is_local,
-    missing_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,14 +127,6 @@ class PerImageEmbeddedGuidanceMixin:
             handle.remove()
 
 
-def hub_errors() -> tuple[type[BaseException], ...]:
-    """What a missing or unreachable checkpoint raises: huggingface_hub's HTTP, offline and
-    not-cached errors are OSErrors, except ``EntryNotFoundError``."""
-    from huggingface_hub.errors import EntryNotFoundError
-
-    return (OSError, EntryNotFoundError)
-
-
 def _scheduler_of(request: ImageRequest) -> str | None:
     """The request's scheduler name; None: the model's own (the only one these engines run)."""
     return getattr(request, "scheduler", None) or None
@@ -172,10 +162,6 @@ class TextFirstEngine(Engine):
 
     # -- subclass hooks ------------------------------------------------------------------------
 
-    @classmethod
-    def _pipeline_class(cls) -> type:
-        raise NotImplementedError
-
     def _encode(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         """Each prompt's embeddings (batch dimension of size 1) from the pipeline's ``encode_prompt``."""
         raise NotImplementedError
@@ -194,29 +180,6 @@ class TextFirstEngine(Engine):
         return {}
 
     # -- loading -------------------------------------------------------------------------------
-
-    @classmethod
-    def _resolve(cls, location: str, *, offline: bool) -> str:
-        checked = check_location(cls.name, location, cls.setting)
-        if is_local(checked):
-            if not (Path(checked) / "model_index.json").is_file():
-                raise MissingWeightsError(
-                    f"{cls.name}: {location!r} is not a diffusers {cls.pipeline_name} directory (no "
-                    f"model_index.json); set {cls.setting} to such a directory or to a Hugging Face hub id"
-                )
-            return checked
-        try:
-            return cls._pipeline_class().download(checked, local_files_only=offline)
-        except hub_errors() as exc:
-            raise missing_weights(cls.name, location, cls.setting, exc) from exc
-
-    @classmethod
-    def identify_weights(cls, location: str, *, digests: DigestCache | None = None) -> ModelIdentity | None:
-        try:
-            resolved = cls._resolve(location, offline=True)
-        except MissingWeightsError:
-            return None
-        return identify(location, resolved, digests)
 
     @classmethod
     def load(cls, location: str, runtime: Runtime, *, offline: bool, compile: bool = False,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,9 +31,15 @@ from flexyface_pipeline.lib.engines.dit import (
     PinnedDeviceMixin,
     TextFirstEngine,
     exact_sample_size,
-    hub_errors,
 )
-from flexyface_pipeline.lib.models.common import MissingWeightsError, Runtime, check_location, missing_weights
+from flexyface_pipeline.lib.models.common import (
+    MissingWeightsError,
+    Runtime,
+    check_cached,
+    check_location,
+    hub_errors,
+    missing_weights,
+)
 
 LLAMA_SETTING = "FLEXYFACE_HIDREAM_LLAMA_MODEL"
 DEFAULT_LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
@@ -78,6 +85,13 @@ class HiDreamEngine(TextFirstEngine):
     @classmethod
     def _pipeline_class(cls) -> type:
         return _pipeline_class()
+
+    @classmethod
+    def check_available(cls, location: str, *, locations: Mapping[str, str] | None = None) -> None:
+        resolved = cls._resolve(location, offline=True)
+        if not (Path(resolved) / "text_encoder_4").is_dir():
+            llama = (locations or {}).get("hidream_llama") or DEFAULT_LLAMA
+            check_cached(f"{cls.name} Llama text encoder", llama, LLAMA_SETTING)
 
     @classmethod
     def _extra_components(cls, resolved: str, runtime: Runtime, *, offline: bool,

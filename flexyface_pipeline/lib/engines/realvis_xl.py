@@ -34,11 +34,9 @@ from flexyface_pipeline.lib.models.common import (
     MissingWeightsError,
     ModelIdentity,
     Runtime,
-    check_location,
     free_memory,
+    hub_errors,
     identify,
-    is_local,
-    missing_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,20 +85,13 @@ def _pipeline_class() -> type:
     return PerImageGuidanceSDXLPipeline
 
 
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    """What a missing or unreachable checkpoint raises: huggingface_hub's HTTP, offline and
-    not-cached errors are OSErrors, except ``EntryNotFoundError``."""
-    from huggingface_hub.errors import EntryNotFoundError
-
-    return (OSError, EntryNotFoundError)
-
-
 class RealVisXLEngine(Engine):
     """RealVisXL (any SDXL pipeline in diffusers format) on one device."""
 
     name = "realvis_xl"
     default_model = "SG161222/RealVisXL_V5.0"
     setting = "FLEXYFACE_REALVIS_XL_MODEL"
+    pipeline_name = "SDXL pipeline"
 
     steps_limits = (4, 60)
     default_steps = (8, 48)
@@ -143,28 +134,8 @@ class RealVisXLEngine(Engine):
     # -- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def _resolve(cls, location: str, *, offline: bool) -> str:
-        """The local directory of the pipeline at ``location`` (downloading it unless ``offline``)."""
-        checked = check_location(cls.name, location, cls.setting)
-        if is_local(checked):
-            if not (Path(checked) / "model_index.json").is_file():
-                raise MissingWeightsError(
-                    f"{cls.name}: {location!r} is not a diffusers SDXL pipeline directory (no model_index.json); "
-                    f"set {cls.setting} to such a directory or to a Hugging Face hub id"
-                )
-            return checked
-        try:
-            return _pipeline_class().download(checked, local_files_only=offline)
-        except _hub_errors() as exc:
-            raise missing_weights(cls.name, location, cls.setting, exc) from exc
-
-    @classmethod
-    def identify_weights(cls, location: str, *, digests: DigestCache | None = None) -> ModelIdentity | None:
-        try:
-            resolved = cls._resolve(location, offline=True)
-        except MissingWeightsError:
-            return None
-        return identify(location, resolved, digests)
+    def _pipeline_class(cls) -> type:
+        return _pipeline_class()
 
     @classmethod
     def load(cls, location: str, runtime: Runtime, *, offline: bool, compile: bool = False,
@@ -180,7 +151,7 @@ class RealVisXLEngine(Engine):
                 resolved, dtype=runtime.dtype, local_files_only=offline, low_cpu_mem_usage=True,
                 add_watermarker=False,
             )
-        except _hub_errors() as exc:
+        except hub_errors() as exc:
             raise MissingWeightsError(
                 f"{cls.name}: cannot load the SDXL pipeline at {location!r} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:200]}); set {cls.setting} to a complete pipeline"

@@ -29,7 +29,7 @@ import hashlib
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -43,6 +43,7 @@ from flexyface_pipeline.lib.models.common import (
     MissingWeightsError,
     ModelIdentity,
     Runtime,
+    check_cached,
     check_location,
     free_memory,
     identify,
@@ -194,6 +195,12 @@ class Scorer(abc.ABC):
     def load(cls, location: str, runtime: Runtime, *, offline: bool, digests: DigestCache | None = None) -> Scorer:
         """Load the model from a hub id or a local path (checked before anything loads);
         ``digests`` remembers weight hashes between runs."""
+
+    @classmethod
+    def check_available(cls, location: str, *, locations: Mapping[str, str] | None = None) -> None:
+        """Without loading or going online: the weights at ``location`` are on this machine (a local
+        path, or the Hugging Face cache); MissingWeightsError naming the setting otherwise."""
+        check_cached(cls.title, location, cls.setting)
 
     @classmethod
     def check(cls, location: str) -> str:

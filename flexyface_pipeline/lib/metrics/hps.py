@@ -22,7 +22,7 @@ import json
 import logging
 import types
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -125,6 +125,10 @@ class HpsV2Scorer(Scorer):
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.architecture = architecture
+
+    @classmethod
+    def check_available(cls, location: str, *, locations: Mapping[str, str] | None = None) -> None:
+        resolve_checkpoint(cls.check(location), cls.setting, offline=True)
 
     @classmethod
     def load(cls, location: str, runtime: Runtime, *, offline: bool, digests: DigestCache | None = None) -> HpsV2Scorer:

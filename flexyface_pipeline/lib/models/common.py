@@ -158,6 +158,28 @@ def check_location(model: str, location: str, setting: str) -> str:
     return location
 
 
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What a missing or unreachable checkpoint raises: huggingface_hub's HTTP, offline and
+    not-cached errors are OSErrors, except ``EntryNotFoundError``."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    return (OSError, EntryNotFoundError)
+
+
+def check_cached(model: str, location: str, setting: str) -> str:
+    """Without loading or going online: ``location`` is an existing path, or a hub id whose snapshot is
+    in the Hugging Face cache; MissingWeightsError naming ``setting`` otherwise. Returns the local path."""
+    checked = check_location(model, location, setting)
+    if is_local(checked):
+        return checked
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(checked, local_files_only=True)
+    except Exception as err:  # the hub raises several types for a missing snapshot
+        raise missing_weights(model, location, setting, err) from err
+
+
 def missing_weights(model: str, location: str, setting: str, cause: BaseException | None = None) -> MissingWeightsError:
     """The error users see when a hub id cannot be resolved offline."""
     extra = f" ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})" if cause else ""
