@@ -109,6 +109,7 @@ CASES = [
     P("scoring-dtype", NEW, 2, "FLEXYFACE_SCORING_DTYPE='float64': expected one of reference, bf16, fp32, fp16",
       {"FLEXYFACE_SCORING_DTYPE": "float64"}),
     P("cpu-offload", NEW, 2, "FLEXYFACE_CPU_OFFLOAD='maybe': expected true or false", {"FLEXYFACE_CPU_OFFLOAD": "maybe"}),
+    P("setting-unset", NEW, 2, "FLEXYFACE_DEVICE is not set: run `make setup`", {"FLEXYFACE_DEVICE": None}),
     P("data-dir-unset", NEW, 2, "FLEXYFACE_DATA_DIR is not set", {"FLEXYFACE_DATA_DIR": ""}),
     P("data-dir-missing", NEW, 2, "no such directory", {"FLEXYFACE_DATA_DIR": "{root}/nowhere"}),
     P("data-dir-file", NEW, 2, "is a file, not a directory", {"FLEXYFACE_DATA_DIR": "{root}/a_file"}),
@@ -202,7 +203,10 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(world, monkeypatch
     files = file_hashes(world["data"])
     state = _instance_state()
     for key, value in env.items():
-        monkeypatch.setenv(key, value.format(root=world["root"]))
+        if value is None:
+            monkeypatch.delenv(key)
+        else:
+            monkeypatch.setenv(key, value.format(root=world["root"]))
     caplog.set_level(logging.INFO)
     try:
         code = cli.main(argv)

@@ -20,6 +20,7 @@ from flexyface_pipeline.lib.generation import verify_image, write_png
 from flexyface_pipeline.lib.grid import _representatives
 from flexyface_pipeline.lib.sampling import sample_design, sample_parameters
 from flexyface_pipeline_tests.conftest import REPO
+from flexyface_pipeline_tests.helpers import project_env
 
 REPO_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts"
 PROMPTS = ["a red car", "an old man", "a bowl of ramen"]
@@ -207,8 +208,9 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, fragment, engines, tmp_p
     home = tmp_path / "home"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")  # the instance is checked first
-    monkeypatch.setenv("FLEXYFACE_DATA_DIR", str(data))
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    for key, value in project_env(home, data, tmp_path / "models").items():  # every setting, as .env has them
+        if key.startswith(("FLEXYFACE_", "DAGSTER_")):
+            monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     try:
         code = cli.main(["sweep", "bad", "--prompt-file", "p.txt", *argv])

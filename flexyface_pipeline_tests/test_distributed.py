@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -24,9 +27,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from flexyface_pipeline.defs.assets.sweep import SweepConfig
 from flexyface_pipeline.lib import generation
+from flexyface_pipeline.lib.engines import get_engine
 from flexyface_pipeline.lib.export import SCORE_TABLES
 from flexyface_pipeline.lib.generation import generate_sweep, read_png_record, verify_image
+from flexyface_pipeline.lib.sampling import sample_parameters
 from flexyface_pipeline.lib.store import SweepStore
 from flexyface_pipeline_tests.helpers import REPO, file_hashes, run_sweep, tiny_defs, tiny_resources, torch_threads
 
@@ -235,6 +241,183 @@ def test_a_worker_that_cannot_load_its_model_fails_the_step_with_that_error(clus
         with pytest.raises(FileNotFoundError, match=r"^realvis_xl: no weights at /nowhere; set FLEXYFACE_REALVIS_XL_MODEL$"):
             list(backend.generate("realvis_xl", [row], batch_size=1))
     assert backend.history[-1]["workers"][0]["images"] == 0
+
+
+# -- the driver process killed with SIGKILL ------------------------------------------------------
+KILLED_SWEEP = "sigkill"
+KILLED_IMAGES = 12
+KILL_AFTER = 3  # PNGs on disk when the driver is killed
+# The temporary file of an atomic write (lib/atomic.py): ".<target name>.<random>.tmp", next to it.
+TEMPORARY = re.compile(r"^\.(?P<target>.+\.png)\.[^.]+\.tmp$")
+
+# A driver of its own: connects to the cluster at argv[3], generates the sweep's missing images on
+# two Ray workers (one image per batch) and writes the images table, as generated_images does.
+_DRIVER = r"""
+import json, sys
+from flexyface_pipeline.defs.resources import ModelResource, StorageResource
+from flexyface_pipeline.lib.generation import generate_sweep
+
+data_dir, models_dir, address, sweep = sys.argv[1:]
+models = ModelResource(storage=StorageResource(data_dir=data_dir), models_dir=models_dir, profile="tiny",
+                       device="cpu", generation_batch_size=1, ray_address=address, ray_actors=2)
+models.validate()
+store = models.storage.store()
+
+def no_local_engine():
+    raise AssertionError("with a backend no engine loads in the driver")
+
+try:
+    report = generate_sweep(store.read_table("parameters", sweep), store, no_local_engine,
+                            batch_size=models.generation_batch, backend=models.distributed())
+finally:
+    models.release()
+store.write_table("images", sweep, report.table)
+print(json.dumps({"generated": report.generated, "reused": report.reused}))
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _job_state(ray, job_id: str) -> dict:
+    """What the cluster's GCS says of a job and its actors, and whether their processes run.
+    (Ray's state API, ``ray.util.state``, needs the dashboard, which this cluster does not start.)"""
+    from ray._private import state
+
+    [job] = [j for j in state.jobs() if j["JobID"] == job_id]
+    actors = [a for a in state.actors().values() if a["JobID"] == job_id]
+    return {"job_dead": job["IsDead"],
+            "actors": [(a["ActorClassName"], a["State"], a["Pid"], _running(a["Pid"])) for a in actors],
+            "free_cpus": ray.available_resources().get("CPU", 0.0), "cpus": ray.cluster_resources().get("CPU")}
+
+
+def _ended(state: dict) -> bool:
+    return (state["job_dead"] and all(s == "DEAD" and not running for _, s, _, running in state["actors"])
+            and state["free_cpus"] == state["cpus"])
+
+
+def _wait_until_ended(ray, job_id: str, seconds: float = 60.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while not _ended(state := _job_state(ray, job_id)):
+        assert time.monotonic() < deadline, f"job {job_id} still holds the cluster after {seconds:.0f} s: {state}"
+        time.sleep(0.2)
+    return state
+
+
+@pytest.mark.slow
+def test_a_driver_killed_with_sigkill_mid_sweep_leaves_no_workers_and_its_images_are_kept(
+        cluster, tmp_path, tiny_models_dir):
+    """The driver process is killed (SIGKILL) while its two Ray workers generate; the cluster ends
+    its workers, what it left on disk is complete images only, and a new driver finishes the sweep
+    keeping them: the same files and images table as an uninterrupted run."""
+    ray = cluster
+    stores = {}
+    for name in ("killed", "uninterrupted"):
+        store = SweepStore(_project(tmp_path / name))
+        spec = SweepConfig(num_images=KILLED_IMAGES, steps_min=4, steps_max=6, width=64, height=64,
+                           prompt_files=["demo.txt"], base_seed=7, engine="realvis_xl").to_spec(KILLED_SWEEP, store)
+        store.write_table("parameters", KILLED_SWEEP, sample_parameters(spec))
+        stores[name] = store
+    store, reference = stores["killed"], stores["uninterrupted"]
+    params = store.read_table("parameters", KILLED_SWEEP)
+    pd.testing.assert_frame_equal(params, reference.read_table("parameters", KILLED_SWEEP))
+    rows = {row["image_id"]: row for row in params.to_dict("records")}
+    expected = {f"{image_id}.png" for image_id in rows}
+
+    # The tiny model, built here: the workers below only load it.
+    models = tiny_resources(reference.root, tiny_models_dir, generation_batch_size=1)["models"]
+    models.validate()
+    models.location("realvis_xl", get_engine("realvis_xl"))
+
+    # The driver, killed once KILL_AFTER images are on disk.
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-c", _DRIVER, str(store.root), str(tiny_models_dir), address, KILLED_SWEEP]
+    images = store.images_dir(KILLED_SWEEP)
+    log = tmp_path / "killed-driver.log"
+    with open(log, "w") as out:
+        victim = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(images.glob("*.png"))) < KILL_AFTER:
+            assert victim.poll() is None, f"the driver ended before it could be killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {KILL_AFTER} images after 120 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.01)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+
+    # The cluster notices: the job ends, its two workers die with their processes, their CPUs are free.
+    from ray._private import state
+
+    [job_id] = [j["JobID"] for j in state.jobs() if j["DriverPid"] == victim.pid]
+    ended = _wait_until_ended(ray, job_id)
+    assert [(name, s) for name, s, _, _ in ended["actors"]] == [("ModelWorker", "DEAD")] * 2, ended
+
+    # What the killed driver left: complete images of their rows, and at most temporary files
+    # whose names never end in .png (a run looks only for <image_id>.png).
+    left = sorted(p.name for p in images.iterdir())
+    kept = [name for name in left if name.endswith(".png")]
+    temporary = [name for name in left if not name.endswith(".png")]
+    assert KILL_AFTER <= len(kept) < KILLED_IMAGES, left
+    for name in kept:
+        assert verify_image(images / name, rows[name.removesuffix(".png")]) is not None, name
+    for name in temporary:
+        match = TEMPORARY.match(name)
+        assert match is not None and match["target"] in expected, name
+    before = {name: ((images / name).stat().st_ino, (images / name).stat().st_mtime_ns) for name in kept}
+
+    # A new driver finishes the sweep: it keeps every finished image and makes only the others.
+    # Meanwhile the uninterrupted run, in this process on one thread, into the other data directory.
+    stdout, stderr = tmp_path / "rerun-driver.out", tmp_path / "rerun-driver.log"
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        rerun = subprocess.Popen(command, stdout=out, stderr=err)
+    try:
+        try:
+            with torch_threads(1):
+                uninterrupted = generate_sweep(params, reference, lambda: models.engine("realvis_xl"), batch_size=1)
+        finally:
+            models.release()
+        rerun.wait(timeout=180)
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+            rerun.wait(timeout=30)
+    assert uninterrupted.generated == KILLED_IMAGES
+    assert rerun.returncode == 0, stdout.read_text()[-2000:] + stderr.read_text()[-3000:]
+    assert json.loads(stdout.read_text().strip().splitlines()[-1]) == {
+        "generated": KILLED_IMAGES - len(kept), "reused": len(kept)}
+    after = {name: ((images / name).stat().st_ino, (images / name).stat().st_mtime_ns) for name in kept}
+    assert after == before  # not rewritten: the same files, untouched
+    [rerun_job] = [j["JobID"] for j in state.jobs() if j["DriverPid"] == rerun.pid]
+    _wait_until_ended(ray, rerun_job)
+
+    # Every image once, complete, of its row; no temporary file but those the kill left.
+    assert {p.name for p in images.glob("*.png")} == expected
+    for image_id, row in rows.items():
+        assert verify_image(store.image_path(KILLED_SWEEP, image_id), row) is not None, image_id
+    assert {p.name for p in images.iterdir()} - expected <= set(temporary)
+
+    # The same images table, records and pixels as the uninterrupted run's (one image per batch,
+    # one thread: bit-identical), timings aside.
+    table = store.read_table("images", KILLED_SWEEP)
+    assert table["image_id"].is_unique and table["elapsed_ms"].notna().all()
+    pd.testing.assert_frame_equal(table.drop(columns=["elapsed_ms"]),
+                                  uninterrupted.table.drop(columns=["elapsed_ms"]))
+    ref_dir = reference.images_dir(KILLED_SWEEP)
+    for name in sorted(expected):
+        ours, theirs = read_png_record(images / name), read_png_record(ref_dir / name)
+        assert {k: v for k, v in ours.items() if k != "elapsed_ms"} == {k: v for k, v in theirs.items() if k != "elapsed_ms"}
+        assert np.array_equal(_pixels(images / name), _pixels(ref_dir / name)), name
 
 
 _CHECK = r"""

@@ -21,7 +21,7 @@ from flexyface_pipeline.lib.generation import generate_sweep
 from flexyface_pipeline.lib.models.common import ModelIdentity
 from flexyface_pipeline.lib.sampling import sample_parameters
 from flexyface_pipeline.lib.store import SweepStore
-from flexyface_pipeline_tests.helpers import BIN, tiny_resources
+from flexyface_pipeline_tests.helpers import BIN, project_env, tiny_resources
 from flexyface_pipeline_tests.test_cli import cli_env  # noqa: F401  (fixture)
 
 
@@ -120,8 +120,7 @@ def test_an_instance_without_a_gpu_limit_is_refused(tmp_path, data_dir) -> None:
     home = tmp_path / "home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXYFACE_", "DAGSTER_"))}
-    env |= {"DAGSTER_HOME": str(home), "FLEXYFACE_DATA_DIR": str(data_dir), "FLEXYFACE_MODEL_PROFILE": "tiny"}
+    env = project_env(home, data_dir, tmp_path / "models")  # every setting, as .env has them
     done = subprocess.run([str(BIN / "flexyface"), "export"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1

@@ -293,6 +293,12 @@ def check_environment(environ: Mapping[str, str]) -> Settings:
     the nightly sweep); the instance is ``check_instance``'s. A misspelt name is logged as a warning."""
     for line in unknown_settings(environ):
         logger.warning("%s", line)
+    # The code location reads each model setting from the environment when a run starts: an unset
+    # one would fail the run after its sweep was added.
+    unset = [name for name in MODEL_SETTINGS if name not in environ]
+    if unset:
+        raise SettingError(unset[0], f"{unset[0]} is not set: run `make setup` (it adds the settings of .env.example "
+                           "that .env lacks, keeping your values) or export it")
     data_dir = check_directory("FLEXYFACE_DATA_DIR", environ.get("FLEXYFACE_DATA_DIR", ""), must_exist=True)
     values = {name: environ[name] for name in MODEL_SETTINGS if name in environ}
     device = check_model_settings(values)
