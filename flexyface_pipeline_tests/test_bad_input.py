@@ -68,7 +68,7 @@ def world(tmp_path_factory, tiny_models_dir):
         mp.chdir(root)
         for k, v in env.items():
             mp.setenv(k, v)
-        assert cli.main(["sweep", "done", "--images", "4", *SWEEP, "--seed", "1"]) == 0
+        assert cli.main(["sweep", "done", "--images", "2", *SWEEP, "--seed", "1"]) == 0
         defs = tiny_defs(data, tiny_models_dir)
         with dg.DagsterInstance.get() as instance:
             instance.add_dynamic_partitions("sweeps", ["planned", "broken", "../x"])
@@ -250,9 +250,7 @@ def _terminal(world, argv, **env) -> tuple[int, list[str], float]:
 
 
 @pytest.mark.parametrize("argv, env, words", [
-    (NEW, {"FLEXYFACE_DEVICE": "gpu"}, "FLEXYFACE_DEVICE='gpu'"),
     (["sweep", "fresh", "--images", "4", "--prompt-file", "binary.txt"], {}, "is not UTF-8 text"),
-    (["sweep", "fresh", "--images", "abc"], {}, "invalid int value"),
     (["--verbose", "sweep", "../x", "--images", "4"], {}, "Traceback"),
 ])
 def test_what_the_terminal_shows(world, argv, env, words):

@@ -248,9 +248,11 @@ def test_make_instance_switches_to_postgres_and_back(tmp_path):
     checkout = _checkout(tmp_path / "checkout")
     home = checkout / "data" / "dagster"
     with temporary_database(settings) as dbname:
-        lines = [f"DAGSTER_HOME={home}", f"FLEXYFACE_DATA_DIR={checkout / 'data'}"] + [
-            f"{k}={v}" for k, v in settings.instance_env(dbname).items()]
-        (checkout / ".env").write_text("\n".join(lines) + "\n")
+        # Every setting of .env.example (as `make setup` writes .env), with this database.
+        values = {k: (v or "").replace("@@REPO@@", str(checkout))
+                  for k, v in dotenv_values(REPO / ".env.example").items()}
+        values |= {"DAGSTER_HOME": str(home), **settings.instance_env(dbname)}
+        (checkout / ".env").write_text("".join(f"{k}={v}\n" for k, v in values.items()))
 
         done = _make_instance(checkout, "postgres")
         assert done.returncode == 0, done.stdout + done.stderr
